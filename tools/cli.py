@@ -1,0 +1,88 @@
+"""The `alexnet-fast` command line.
+
+Each subcommand lives in the module that owns its concern and is imported only when it runs,
+so `alexnet-fast shards --help` does not pay for importing torch or DALI.
+
+    alexnet-fast demo                         # built-in sample: shard, train, evaluate
+    alexnet-fast shards RAW OUT               # raw ImageNet -> WebDataset shards (= tools/make_shards)
+    alexnet-fast verify OUT                   # re-read and check every shard
+    alexnet-fast stats OUT                    # (re)compute stats.json with Numba
+    alexnet-fast train --data OUT --out RUN   # AlexNet, DDP over every visible GPU
+    alexnet-fast eval --data OUT --checkpoint RUN/best.pt
+    alexnet-fast profile --data OUT           # img/s per stage and what bounds the run
+
+User mistakes (bad flags, missing paths, unreadable data) end with one line on stderr and a
+non-zero exit (2 for usage errors), never a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# subcommand name -> "module:attribute" of its click.Command
+COMMANDS: dict[str, str] = {
+    "demo": "alexnet_fast.tools.cmd_train:demo_command",
+    "shards": "alexnet_fast.tools.cmd_shards:shards_command",
+    "verify": "alexnet_fast.tools.cmd_shards:verify_command",
+    "stats": "alexnet_fast.tools.cmd_stats:stats_command",
+    "train": "alexnet_fast.tools.cmd_train:train_command",
+    "eval": "alexnet_fast.tools.cmd_train:eval_command",
+    "profile": "alexnet_fast.tools.cmd_profile:profile_command",
+}
+
+
+class UserError(click.ClickException):
+    """A mistake in what the user asked for (a path, a flag, missing labels): one line, exit 2."""
+
+    exit_code = 2
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="alexnet-fast")
+def main() -> None:
+    """alexnet-fast: train AlexNet on ImageNet as fast as the GPUs can compute."""
+
+
+def run_command(command: click.Command, prog_name: str, args: list[str] | None = None) -> None:
+    """Run a click command with one-line errors: `prog: error: message`, exit 2 for usage errors."""
+    try:
+        rv = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo(f"{prog_name}: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:  # bad flag, missing argument, wrong type, bad path
+        where = e.ctx.command_path if e.ctx is not None else prog_name
+        click.echo(f"{where}: error: {e.format_message()} (see --help)", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"{prog_name}: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"{prog_name}: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    run_command(main, "alexnet-fast")
+
+
+if __name__ == "__main__":
+    run()

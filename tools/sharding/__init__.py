@@ -1,0 +1,1 @@
+"""make_shards: raw ImageNet -> WebDataset shards (+ DALI indices, manifest, stats)."""
