@@ -1,0 +1,31 @@
+"""Shared fixtures: a small raw ImageNet tree and the shard set make_shards builds from it.
+
+Both are session-scoped and built once through the real code (generator -> make_shards), so every
+test reads the same real shards. Other helpers may append fixtures at the end of this file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alexnet_fast.tools.sample_data import RawTree, SampleSpec, ValFormat, write_raw_imagenet
+from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
+
+# 4 classes x 16 train (+4 odd files kept, 3 rejected) and 4 val per class, labelled by the devkit.
+SHARD_SET_SPEC = SampleSpec(classes=4, train_per_class=16, val_per_class=4, val_layout=ValFormat.FLAT_DEVKIT)
+SHARD_SET_OPTIONS = ShardOptions(per_shard=16)  # 68 train samples -> 5 train shards, 1 val shard
+
+
+@pytest.fixture(scope="session")
+def raw_imagenet(tmp_path_factory) -> RawTree:
+    """A raw ImageNet tree (train/<wnid>/ folders, flat val/ + devkit) with the odd files."""
+    return write_raw_imagenet(tmp_path_factory.mktemp("raw_imagenet"), SHARD_SET_SPEC)
+
+
+@pytest.fixture(scope="session")
+def shard_set(raw_imagenet, tmp_path_factory) -> Path:
+    """The shard set directory make_shards writes from `raw_imagenet` (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("shard_set")
+    make_shards(raw_imagenet.root, out, SHARD_SET_OPTIONS, workers=1, progress=False, log=lambda msg: None)
+    return out

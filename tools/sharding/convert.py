@@ -1,0 +1,101 @@
+"""One raw file -> one stored JPEG: read, decode (any mode/format Pillow knows), resize, re-encode.
+
+Stored image: shorter side resized to `size` and the centre `size`x`size` square kept (the 2012
+paper's preprocessing), or the whole image at shorter side `size` with `keep_aspect`; always a
+baseline RGB JPEG. Anything that cannot be read or decoded raises RejectedImage with the reason.
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+from dataclasses import dataclass
+
+from PIL import Image
+
+from alexnet_fast.tools.sharding.errors import RejectedImage
+from alexnet_fast.tools.sharding.layout import RawItem
+
+# Bilinear with Pillow's antialiasing support; the benchmark's baseline loop uses the same filter.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    size: int = 256
+    keep_aspect: bool = False
+    quality: int = 90
+
+
+@dataclass(frozen=True)
+class Converted:
+    jpeg: bytes
+    w: int  # stored size
+    h: int
+    orig_w: int
+    orig_h: int
+
+
+def read_item(item: RawItem) -> bytes:
+    """The raw bytes of an input file or tar member; OSErrors become rejections."""
+    try:
+        if item.size < 0:
+            st = os.stat(item.file)  # follows symlinks: a loop or dangling link raises here
+            if not stat.S_ISREG(st.st_mode):
+                raise RejectedImage("not a regular file")  # fifos would block open(); dirs cannot be read
+            with open(item.file, "rb") as f:
+                return f.read()
+        with open(item.file, "rb") as f:
+            f.seek(item.offset)
+            data = f.read(item.size)
+    except OSError as e:
+        raise RejectedImage(f"cannot read: {e.strerror or e}") from None
+    if len(data) != item.size:
+        raise RejectedImage(f"tar member cut short ({len(data)} of {item.size} bytes)")
+    return data
+
+
+def _target_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side exactly `size`."""
+    if w <= h:
+        return size, max(1, round(h * size / w))
+    return max(1, round(w * size / h)), size
+
+
+def convert_image(data: bytes, opts: ImageOptions) -> Converted:
+    if not data:
+        raise RejectedImage("empty file")
+    # Pillow raises many exception types on hostile bytes (OSError, SyntaxError, ValueError,
+    # struct.error, DecompressionBombError, ...): every one of them means "not a usable image".
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - see above
+        raise RejectedImage(f"not an image: {type(e).__name__}: {e}") from None
+    try:
+        orig_w, orig_h = im.size
+        if orig_w < 1 or orig_h < 1:
+            raise RejectedImage(f"image has no pixels ({orig_w}x{orig_h})")
+        tw, th = _target_size(orig_w, orig_h, opts.size)
+        if im.format == "JPEG":
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding, never below the target:
+            # most of the decode cost of a large JPEG disappears.
+            im.draft("RGB", (tw, th))
+        im.load()
+        if im.mode != "RGB":  # CMYK, L, P, RGBA, I;16 ...: all stored as RGB
+            im = im.convert("RGB")
+        dw, dh = im.size  # after draft
+        if opts.keep_aspect:
+            out = im.resize((tw, th), RESAMPLE)
+        else:
+            # Crop box of the centre square in the (drafted) source, resized in one pass: the same
+            # result as resize-then-crop, without resampling pixels that would be cut off.
+            side = min(dw, dh)
+            left, top = (dw - side) / 2, (dh - side) / 2
+            out = im.resize((opts.size, opts.size), RESAMPLE, box=(left, top, left + side, top + side))
+        buf = io.BytesIO()
+        out.save(buf, "JPEG", quality=opts.quality, progressive=False, optimize=False)
+    except RejectedImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces only at load()
+        raise RejectedImage(f"cannot decode: {type(e).__name__}: {e}") from None
+    return Converted(buf.getvalue(), out.size[0], out.size[1], orig_w, orig_h)

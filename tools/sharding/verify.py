@@ -1,0 +1,125 @@
+"""`alexnet-fast verify OUT`: re-read every shard and check it against manifest.json.
+
+Per shard: the tar and its .idx exist, size and sha256 match the manifest, the tar holds exactly
+the manifest's sample count with .jpg/.cls/.lbl/.json each, .cls and .lbl agree and lie in the
+class range, every JPEG decodes, and the .idx is the index of this tar. Problems name the shard
+(and the sample); the command exits non-zero on any.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from PIL import Image
+
+from alexnet_fast.pipeline.shardset import SPLITS, ShardFile, ShardSet
+from alexnet_fast.tools.sharding.tarwriter import DALI_INDEX_VERSION
+
+COMPONENTS = ("jpg", "cls", "lbl", "json")
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else f"FAILED with {len(self.problems)} problem(s)"
+        return f"{self.shards} shards, {self.samples} samples checked: {verdict}"
+
+
+def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
+    """(samples seen, problems) for one shard."""
+    name = shard.tar.name
+    if not shard.tar.is_file():
+        return 0, [f"{name}: missing"]
+    problems = []
+    if not shard.index.is_file():
+        problems.append(f"{name}: index {shard.index.name} is missing")
+    data = shard.tar.read_bytes()
+    if len(data) != shard.bytes:
+        problems.append(f"{name}: {len(data)} bytes, manifest says {shard.bytes}")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    samples: dict[str, dict[str, bytes]] = {}
+    lines: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            last_key = None
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                part = f"{ext} {m.offset_data} {m.size} {m.name}"
+                if key == last_key:
+                    lines[-1] += " " + part
+                else:
+                    lines.append(part)
+                last_key = key
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return len(samples), problems + [f"{name}: unreadable tar after {len(samples)} samples: {e}"]
+    if len(samples) != shard.samples:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {shard.samples}")
+    for key, parts in samples.items():
+        problems.extend(_check_sample(name, key, parts, num_classes))
+    if shard.index.is_file():
+        expected = f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+        if shard.index.read_text(errors="replace") != expected:
+            problems.append(f"{name}: index {shard.index.name} does not match the tar")
+    return len(samples), problems
+
+
+def _check_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int) -> list[str]:
+    where = f"{shard}: sample {key}"
+    missing = [c for c in COMPONENTS if c not in parts]
+    if missing:
+        return [f"{where}: missing {', '.join('.' + c for c in missing)}"]
+    problems = []
+    try:
+        label = int(parts["cls"])
+        if struct.unpack("<i", parts["lbl"])[0] != label or not 0 <= label < num_classes:
+            problems.append(f"{where}: .cls {label} / .lbl disagree or out of range [0, {num_classes})")
+        json.loads(parts["json"])
+    except (ValueError, struct.error) as e:
+        problems.append(f"{where}: bad label or metadata: {e}")
+    try:
+        with Image.open(io.BytesIO(parts["jpg"])) as im:
+            if im.format != "JPEG" or im.mode != "RGB":
+                problems.append(f"{where}: .jpg is {im.format} {im.mode}, expected RGB JPEG")
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decode failure is the finding
+        problems.append(f"{where}: JPEG does not decode: {type(e).__name__}: {e}")
+    return problems
+
+
+def _verify_task(args: tuple[ShardFile, int]) -> tuple[int, list[str]]:
+    return verify_shard(*args)
+
+
+def verify_shard_set(out: Path, workers: int = 1) -> VerifyReport:
+    shard_set = ShardSet.open(out)
+    report = VerifyReport()
+    tasks = [(s, shard_set.num_classes) for split in SPLITS if split in shard_set.manifest["splits"]
+             for s in shard_set.shards(split)]
+    if workers > 1 and len(tasks) > 1:
+        with get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            results = pool.map(_verify_task, tasks, chunksize=1)
+    else:
+        results = list(map(_verify_task, tasks))
+    for count, problems in results:
+        report.shards += 1
+        report.samples += count
+        report.problems.extend(problems)
+    return report
