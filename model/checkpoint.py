@@ -1,0 +1,167 @@
+"""Checkpoints that survive kills, preemption and full disks.
+
+RUN/last.pt        the newest checkpoint
+RUN/last.prev.pt   the one before it (kept so a damaged last.pt costs one interval, not the run)
+RUN/best.pt        the one with the best val top-1 so far
+
+A save writes `<name>.tmp` in the same directory, flushes and fsyncs it, and only then renames it
+over the old file (os.replace is atomic on POSIX), so at every instant each name holds either the
+old complete checkpoint or the new complete one. A failing write (disk full, a kill) leaves the
+old file in place and removes the temp file. A load that finds `last.pt` truncated or unreadable
+warns and falls back to `last.prev.pt`.
+
+A checkpoint is a dict:
+    {"format": CHECKPOINT_FORMAT, "model": unwrapped state_dict, "optimizer", "scheduler", "scaler",
+     "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states], "config": {...}, "arch",
+     "num_classes", "classes"}
+"""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "alexnet-fast-checkpoint-v1"
+LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
+REQUIRED_KEYS = ("format", "model", "epoch", "step", "arch", "num_classes")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint; the message is one line for the user."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(obj: Any, tmp: Path) -> None:
+    """torch.save into `tmp` and fsync it; on any failure (disk full, a signal) remove `tmp`."""
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to `path` atomically: temp file + fsync + os.replace. On any failure the old
+    file is untouched and the temp file is gone; the exception propagates."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(obj, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False) -> Path:
+    """Write RUN/last.pt atomically, keeping the previous last.pt as last.prev.pt; with
+    `is_best`, RUN/best.pt becomes the same file (a hard link, so no second write)."""
+    run_dir = Path(run_dir)
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    last, previous = run_dir / LAST, run_dir / PREVIOUS
+    tmp = run_dir / (LAST + ".tmp")
+    _write_synced(state, tmp)
+    # The old last.pt was complete (only whole files ever get that name): keep it as the fallback.
+    # A kill between these two renames leaves last.prev.pt + a complete last.pt.tmp; load_checkpoint
+    # falls back to last.prev.pt.
+    if last.exists():
+        os.replace(last, previous)
+    os.replace(tmp, last)
+    _fsync_dir(run_dir)
+    if is_best:
+        _link_or_copy(last, run_dir / BEST)
+    return last
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)       # files are never modified in place, so sharing the inode is safe
+    except OSError:
+        atomic_save(torch.load(src, map_location="cpu", weights_only=False), dst)
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load one checkpoint file onto the CPU; CheckpointError if it is missing, truncated or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # weights_only=False: the checkpoint holds RNG states and the config (our own files only).
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, flipped bytes, not a torch file: all "unreadable"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged or truncated ({msg})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) \
+            or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an alexnet-fast checkpoint")
+    return state
+
+
+def load_checkpoint(path_or_run_dir: str | Path) -> tuple[dict, Path]:
+    """A checkpoint file, or a run directory's newest good one: last.pt, else (with a warning)
+    last.prev.pt. Returns (state, the path it came from)."""
+    target = Path(path_or_run_dir)
+    if not target.is_dir():
+        return read_checkpoint(target), target
+    candidates = [target / LAST, target / PREVIOUS]
+    errors = []
+    for candidate in candidates:
+        if not candidate.exists():
+            errors.append(f"{candidate.name} missing")
+            continue
+        try:
+            state = read_checkpoint(candidate)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors and candidate.name != LAST:
+            warnings.warn(f"{'; '.join(errors)}; resuming from the previous good checkpoint {candidate}",
+                          stacklevel=2)
+        return state, candidate
+    raise CheckpointError(f"no usable checkpoint in {str(target)!r}: {'; '.join(errors)}")
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / LAST).exists() or (run_dir / PREVIOUS).exists()
+
+
+# --- RNG states: python, numpy, torch CPU, every CUDA device -------------------------------------
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,149 @@
+"""Processes, ranks and devices: one process per GPU (NCCL) or N CPU processes (gloo).
+
+Three ways a training run starts, and the same worker code runs in each:
+
+* `alexnet-fast train --gpus 2` (or `--device cpu --nproc 2`): the command launches its own
+  workers through torch.distributed's elastic launcher (what `torchrun --standalone` does), one
+  per GPU, and waits for them.
+* `torchrun --nnodes 4 --nproc-per-node 8 ... -m alexnet_fast.tools.cli train ...`: the outer
+  launcher has set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR; the command sees them and just joins.
+* one device, one process: no process group at all.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_launcher() -> bool:
+    """True inside a worker started by torchrun / the elastic launcher (ours or an outer one)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def local_world_size(device: str, gpus: int, nproc: int) -> int:
+    """How many workers this node should run: --gpus (0 = all visible) on GPU, --nproc on CPU."""
+    if device == "cuda":
+        visible = torch.cuda.device_count()
+        return visible if gpus == 0 else gpus
+    return nproc
+
+
+def setup(device: str) -> DistContext:
+    """Join the process group the launcher described in the environment (NCCL on GPU, gloo on CPU)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if device == "cuda":
+            dist.init_process_group("nccl", device_id=torch_device)
+        else:
+            dist.init_process_group("gloo")
+    return DistContext(rank, local_rank, world_size, torch_device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(entrypoint: Callable[..., Any], nproc: int, args: tuple = ()) -> dict[int, Any]:
+    """Run `entrypoint(*args)` in `nproc` local worker processes, as `torchrun --standalone
+    --nproc-per-node nproc` would: a c10d rendezvous on a free localhost port, no restarts.
+    Returns {local rank: return value}; raises the launcher's ChildFailedError if a worker fails,
+    and SignalException if this process is told to stop (the workers get the signal first)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # N processes each using every core would oversubscribe the CPU N times over.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"alexnet-fast-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0, monitor_interval=0.2, start_method="spawn",
+    )
+    return elastic_launch(config, entrypoint)(*args)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, grad_compression: str = "none") -> nn.Module:
+    """DistributedDataParallel over the process group (identity for one process).
+
+    grad_compression="bf16": gradients are cast to bfloat16 for the all-reduce and back (halves
+    the bytes on the wire; bf16 keeps fp32's exponent range so no scaling is needed)."""
+    if not ctx.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(state=None, hook=default_hooks.bf16_compress_hook)
+    elif grad_compression != "none":
+        raise ValueError(f"unknown grad_compression {grad_compression!r}")
+    return ddp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP and/or torch.compile wrappers (what checkpoints hold)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (just [obj] for one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,553 @@
+"""Training AlexNet, top to bottom: set up the ranks, load the data, build the model and optimizer,
+resume, then `train_one_epoch` / `evaluate` / checkpoint until done.
+
+    run_training(cfg)   # launches --gpus N / --nproc N workers itself, or joins an outer torchrun
+
+Speed rules on the GPU: bf16 autocast, channels-last, cudnn.benchmark, optional torch.compile,
+and no host sync inside a step — the loss is accumulated on the device and read (`.item()`)
+only every `log_every` steps. The price: a NaN/inf loss is noticed at the next log point, not at
+once. The step it first appeared is recorded on the device, the run stops naming it, and no
+checkpoint is written after it, so RUN/last.pt is the last good state.
+
+Preemption: SIGTERM/SIGINT set a flag; the ranks agree on it at the next step (or the next
+`STOP_CHECK_EVERY_GPU` steps on a GPU, where agreeing costs a sync), write RUN/last.pt and exit 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_fast.model import checkpoint as ckpt
+from alexnet_fast.model import distributed as D
+from alexnet_fast.model.alexnet import build_model
+from alexnet_fast.model.config import TrainConfig, format_config, save_config
+from alexnet_fast.model.evaluate import EvalResult, evaluate
+
+STOP_CHECK_EVERY_GPU = 10   # steps between the ranks' agreement on a stop request when it costs a sync
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss, unusable data); the message is one line."""
+
+
+class Outcome(str, Enum):
+    COMPLETED = "completed"          # every epoch ran
+    MAX_STEPS = "max_steps"          # --max-steps reached
+    STOPPED = "stopped"              # SIGTERM/SIGINT: checkpoint written, exit 0
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+    epoch: int = 0                   # the epoch in progress (or the next one to start)
+    step: int = 0                    # optimizer steps taken in the whole run
+    step_in_epoch: int = 0           # batches of `epoch` already trained on (to resume mid-epoch)
+    best_top1: float = -1.0
+
+
+@dataclass
+class Engine:
+    """Everything one optimizer step needs."""
+    model: nn.Module                 # DDP- and/or compile-wrapped network in train mode
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # enabled only for fp16
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None   # warm-up/cosine/step: per step
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; read by the loop between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# --------------------------------------------------------------------------------------------
+# one step, one epoch
+# --------------------------------------------------------------------------------------------
+def train_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward, backward, optimizer step. Returns the loss as a device tensor (no host sync)."""
+    memory_format = torch.channels_last if engine.channels_last else torch.contiguous_format
+    images = images.to(engine.device, non_blocking=True).contiguous(memory_format=memory_format)
+    labels = labels.to(engine.device, non_blocking=True).long()
+    autocast = (torch.autocast(engine.device.type, dtype=engine.autocast_dtype)
+                if engine.autocast_dtype is not None else contextlib.nullcontext())
+    with autocast:
+        logits = engine.model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=engine.label_smoothing)
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.scaler.scale(loss).backward()
+    engine.scaler.step(engine.optimizer)
+    engine.scaler.update()
+    if engine.step_scheduler is not None:
+        engine.step_scheduler.step()
+    return loss.detach()
+
+
+@dataclass
+class LoopHooks:
+    """What the epoch loop calls out to; all optional so tests can drive it with plain tensors."""
+    log: Callable[[dict], None] = lambda record: None
+    checkpoint: Callable[[], None] = lambda: None
+    stop_requested: Callable[[], bool] = lambda: False
+    progress: Any = None             # a tqdm bar (rank 0) or None
+
+
+@dataclass
+class EpochResult:
+    outcome: Outcome
+    mean_loss: float
+    images: int                      # images this rank trained on in this call
+    seconds: float
+    losses: list[float] = field(default_factory=list)   # the logged losses (one per log point)
+
+
+def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    state: TrainState, *, world_size: int = 1, max_steps: int = 0, log_every: int = 50,
+                    ckpt_every: int = 0, stop_check_every: int = 1,
+                    hooks: LoopHooks | None = None) -> EpochResult:
+    """Train on `batches` (any iterable of (images, labels)), skipping the first
+    `state.step_in_epoch` of them (a resumed epoch). Updates `state` as it goes."""
+    hooks = hooks or LoopHooks()
+    engine.model.train()
+    device = engine.device
+    # Device-side accumulators: read only at log points.
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    device_step = torch.full((), state.step, dtype=torch.int64, device=device)
+    epoch_loss_sum, epoch_steps, images_seen, logged = 0.0, 0, 0, []
+    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+    start = window_start
+    skip = state.step_in_epoch
+    outcome = Outcome.COMPLETED
+
+    for index, (images, labels) in enumerate(batches):
+        if index < skip:             # resumed mid-epoch: these batches were trained on before the stop
+            continue
+        loss = train_step(engine, images, labels)
+        state.step += 1
+        state.step_in_epoch = index + 1
+        device_step += 1
+        loss_sum += loss
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), device_step, first_bad_step)
+        window_steps += 1
+        window_images += labels.shape[0]
+        images_seen += labels.shape[0]
+        if hooks.progress is not None:
+            hooks.progress.update(1)
+
+        at_end = bool(max_steps) and state.step >= max_steps
+        if state.step % log_every == 0 or at_end:
+            _raise_if_bad(first_bad_step)           # a host sync: once per log interval
+            window_loss = D.all_reduce_sum(loss_sum.clone()).item() / world_size
+            elapsed = time.perf_counter() - window_start
+            record = {"step": state.step, "epoch": state.epoch, "loss": window_loss / window_steps,
+                      "lr": engine.lr, "img_per_s": window_images * world_size / max(elapsed, 1e-9)}
+            hooks.log(record)
+            logged.append(record["loss"])
+            epoch_loss_sum += window_loss
+            epoch_steps += window_steps
+            loss_sum.zero_()
+            window_steps, window_images, window_start = 0, 0, time.perf_counter()
+
+        if ckpt_every and state.step % ckpt_every == 0 and not at_end:
+            _raise_if_bad(first_bad_step)
+            hooks.checkpoint()
+        if at_end:
+            outcome = Outcome.MAX_STEPS
+            break
+        if state.step % stop_check_every == 0 and _agree(hooks.stop_requested(), device):
+            outcome = Outcome.STOPPED
+            break
+
+    if window_steps:                 # the tail after the last log point
+        totals = D.all_reduce_sum(loss_sum.clone())
+        epoch_loss_sum += totals.item() / world_size
+        epoch_steps += window_steps
+    _raise_if_bad(first_bad_step)
+    if outcome is Outcome.COMPLETED:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    return EpochResult(outcome, epoch_loss_sum / max(epoch_steps, 1), images_seen,
+                       time.perf_counter() - start, logged)
+
+
+def _raise_if_bad(first_bad_step: torch.Tensor) -> None:
+    """Stop the run if any rank saw a non-finite loss; name the earliest such step. Collective."""
+    big = 1 << 62
+    # max over ranks of (big - step) is the earliest bad step; 0 means none
+    flag = torch.where(first_bad_step >= 0, big - first_bad_step, torch.zeros_like(first_bad_step))
+    if D.dist.is_initialized():
+        D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if worst:
+        raise TrainingError(f"loss became NaN/inf at step {big - worst}; stopping without saving "
+                            f"(the last checkpoint was written before it)")
+
+
+def _agree(requested: bool, device: torch.device) -> bool:
+    """True on every rank if any rank was asked to stop (so all stop at the same step)."""
+    if not D.dist.is_initialized():
+        return requested
+    flag = torch.tensor([1 if requested else 0], device=device)
+    D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# --------------------------------------------------------------------------------------------
+# building a run: precision, data, optimizer, schedules, logging
+# --------------------------------------------------------------------------------------------
+def resolve_precision(precision: str, device_type: str) -> str:
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precision: str):
+    """The train loader and (if the shard set has a val split) the val loader of this rank."""
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+    from alexnet_fast.pipeline.shardset import ShardSet
+
+    on_gpu = ctx.device.type == "cuda"
+    common = dict(
+        data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch, rank=ctx.rank,
+        world_size=ctx.world_size, device="cuda" if on_gpu else "cpu", device_id=ctx.local_rank,
+        seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
+        # bf16 images halve the loader's device memory traffic; autocast would cast them anyway
+        dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
+        on_corrupt=cfg.on_corrupt,
+    )
+    train = make_loader(LoaderSpec(split="train", lighting_std=cfg.lighting_std, **common))
+    val = make_loader(LoaderSpec(split="val", **common)) if ShardSet.open(cfg.data).has_split("val") else None
+    return train, val
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; optionally no weight decay on biases/normalization weights (1-D tensors),
+    which only shrinks them towards zero without regularizing anything useful."""
+    if cfg.no_decay_bias_norm:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    return torch.optim.SGD(groups, lr=cfg.effective_lr, momentum=cfg.momentum)
+
+
+class StepLrFactor:
+    """lr multiplier per optimizer step: linear warm-up, then cosine to 0 or /10 every step_epochs.
+    A class (not a lambda) so LambdaLR's state_dict can hold it."""
+
+    def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+                 step_epochs: int) -> None:
+        self.schedule = schedule
+        self.warmup = int(round(warmup_epochs * steps_per_epoch))
+        self.total = max(1, epochs * steps_per_epoch)
+        self.step_every = max(1, step_epochs * steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "cosine":
+            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 0.1 ** (step // self.step_every)
+
+
+def make_schedulers(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """(per-step scheduler or None, per-epoch plateau scheduler or None)."""
+    if cfg.schedule == "plateau":
+        # The paper: divide by 10 when the val error stops improving, at most `max_lr_drops` times.
+        # min_lr is the lr after exactly that many drops, computed as the scheduler computes it
+        # (old * 0.1 in floats), and eps=0, so a further drop changes nothing.
+        floor = cfg.effective_lr
+        for _ in range(cfg.max_lr_drops):
+            floor *= 0.1
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=cfg.plateau_patience, min_lr=floor, eps=0.0)
+        return None, plateau
+    factor = StepLrFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.step_epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), None
+
+
+class RunLog:
+    """RUN/metrics.jsonl (+ TensorBoard when installed), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at_step: int | None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = None
+        if not enabled:
+            return
+        if resumed_at_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            # A killed run may have logged steps after its last checkpoint; they are re-run now,
+            # so drop them rather than log them twice.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _record_step(line) <= resumed_at_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:     # tensorboard is optional
+            self.tensorboard = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except ValueError:
+        return sys.maxsize      # a line cut short by a kill: drop it
+
+
+def say(ctx: D.DistContext, message: str) -> None:
+    """One line on stdout from rank 0 (tqdm-safe)."""
+    if ctx.is_main:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def run_training(cfg: TrainConfig) -> dict:
+    """Train per `cfg`: in this process, in N workers this starts, or as one rank of an outer
+    torchrun. Returns rank 0's result {"outcome", "step", "epoch", "val": {...} | None, "error"}."""
+    device = D.resolve_device(cfg.device)
+    if D.under_launcher():
+        return train_worker(cfg)
+    workers = D.local_world_size(device, cfg.gpus, cfg.nproc)
+    if workers <= 1:
+        return train_worker(cfg)
+    return D.launch(train_worker, workers, (cfg,))[0]
+
+
+def train_worker(cfg: TrainConfig) -> dict:
+    """Entry point of every rank. Errors the user can act on come back as {"error": one line}
+    instead of a traceback (the launcher would print the worker's traceback otherwise)."""
+    from alexnet_fast.pipeline.shardset import ShardSetError
+
+    ctx = D.setup(D.resolve_device(cfg.device))
+    try:
+        return _train(cfg, ctx)
+    except (TrainingError, ShardSetError, ckpt.CheckpointError) as e:
+        if ctx.is_main:
+            print(f"alexnet-fast train: error: {e}", file=sys.stderr, flush=True)
+        return {"outcome": "failed", "error": str(e)}
+    finally:
+        D.teardown()
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
+    from tqdm import tqdm
+
+    from alexnet_fast.pipeline.shardset import ShardSet
+
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % ctx.world_size:
+        raise TrainingError(f"--batch-size {cfg.batch_size} is the global batch and must divide "
+                            f"evenly over {ctx.world_size} ranks")
+    per_rank_batch = cfg.batch_size // ctx.world_size
+    precision = resolve_precision(cfg.precision, ctx.device.type)
+    on_gpu = ctx.device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True        # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data
+    shards = ShardSet.open(cfg.data)
+    num_classes = cfg.num_classes or shards.num_classes
+    train_loader, val_loader = load_data(cfg, ctx, per_rank_batch, precision)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the train split has fewer than {per_rank_batch} images per rank: "
+                            f"no full batch of --batch-size {cfg.batch_size}")
+
+    # --- model, optimizer, schedules (same seed on every rank: identical initial weights)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, num_classes, cfg.dropout).to(ctx.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    step_scheduler, plateau = make_schedulers(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    # Each rank its own dropout masks.
+    seed_everything(cfg.seed + ctx.rank)
+
+    # --- resume
+    state = TrainState()
+    resumed_at: int | None = None
+    if cfg.resume and ckpt.has_checkpoint(run_dir):
+        saved, path = ckpt.load_checkpoint(run_dir)
+        if saved["arch"] != cfg.arch or saved["num_classes"] != num_classes:
+            raise TrainingError(f"{path} holds {saved['arch']} with {saved['num_classes']} classes, "
+                                f"not {cfg.arch} with {num_classes}")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if step_scheduler is not None and saved["scheduler"].get("step"):
+            step_scheduler.load_state_dict(saved["scheduler"]["step"])
+        if plateau is not None and saved["scheduler"].get("plateau"):
+            plateau.load_state_dict(saved["scheduler"]["plateau"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
+        rng = saved["rng"]
+        if len(rng) == ctx.world_size:
+            ckpt.set_rng_state(rng[ctx.rank])
+        else:   # another world size: continue, but dropout masks cannot replay exactly
+            seed_everything(cfg.seed + ctx.rank + 1_000_003 * state.step)
+        resumed_at = state.step
+        say(ctx, f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+    elif cfg.resume:
+        say(ctx, f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
+
+    ddp_model = D.wrap_ddp(model, ctx, cfg.grad_compression)
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    engine = Engine(train_model, optimizer, scaler, step_scheduler, ctx.device,
+                    AUTOCAST_DTYPES[precision], cfg.channels_last, cfg.label_smoothing)
+
+    derived = {"world_size": ctx.world_size, "per_rank_batch": per_rank_batch,
+               "effective_lr": cfg.effective_lr, "resolved_precision": precision,
+               "num_classes_resolved": num_classes, "steps_per_epoch": steps_per_epoch}
+    if ctx.is_main:
+        save_config(cfg, run_dir, derived)
+        say(ctx, "config:\n" + format_config(cfg, derived))
+    log = RunLog(run_dir, ctx.is_main, resumed_at)
+    stop = StopFlag()
+    stop.install()
+
+    def save(is_best: bool = False) -> None:
+        rng = D.all_gather_objects(ckpt.rng_state())     # collective: every rank calls save()
+        if ctx.is_main:
+            ckpt.save_checkpoint({
+                "model": D.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": {"step": step_scheduler.state_dict() if step_scheduler else None,
+                              "plateau": plateau.state_dict() if plateau else None},
+                "scaler": scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+                "step_in_epoch": state.step_in_epoch, "best_top1": state.best_top1, "rng": rng,
+                "config": cfg.to_dict(), "arch": cfg.arch, "num_classes": num_classes,
+                "classes": shards.classes, "world_size": ctx.world_size,
+            }, run_dir, is_best=is_best)
+
+    def run_eval() -> EvalResult | None:
+        if val_loader is None:
+            return None
+        return evaluate(D.unwrap(model), val_loader, ctx.device, AUTOCAST_DTYPES[precision], cfg.channels_last)
+
+    result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
+    hooks = LoopHooks(log=log.write, checkpoint=save, stop_requested=lambda: stop.requested)
+    stop_check_every = STOP_CHECK_EVERY_GPU if (on_gpu and ctx.is_distributed) else 1
+    try:
+        while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
+            epoch = state.epoch
+            train_loader.set_epoch(epoch)
+            hooks.progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, unit="step",
+                                  desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.is_main,
+                                  dynamic_ncols=True, leave=False)
+            hooks.log = _log_and_show(log, hooks.progress)
+            epoch_result = train_one_epoch(
+                engine, train_loader, state, world_size=ctx.world_size, max_steps=cfg.max_steps,
+                log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, stop_check_every=stop_check_every,
+                hooks=hooks)
+            hooks.progress.close()
+            if epoch_result.outcome is Outcome.STOPPED:
+                save()
+                name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
+                say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {run_dir / ckpt.LAST}"
+                         f" (continue with --resume)")
+                result["outcome"] = Outcome.STOPPED.value
+                break
+            finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
+            val = run_eval() if (finished or state.epoch % cfg.eval_every == 0) else None
+            record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
+                      "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9)}
+            if val is not None:
+                record.update(val_top1=val.top1, val_top5=val.top5, val_images=val.images)
+                result["val"] = val.as_dict()
+            log.write(record)
+            say(ctx, f"epoch {epoch + 1}: loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+                     f"{record['img_per_s']:.1f} img/s"
+                     + (f"  val top-1 {val.top1:.2%} top-5 {val.top5:.2%} ({val.images} images)" if val else ""))
+            if plateau is not None and epoch_result.outcome is Outcome.COMPLETED:
+                # the paper watched the validation error; without a val split, the training loss
+                plateau.step(1.0 - val.top1 if val is not None else epoch_result.mean_loss)
+            is_best = val is not None and val.top1 > state.best_top1
+            if is_best:
+                state.best_top1 = val.top1
+            save(is_best)
+            if epoch_result.outcome is Outcome.MAX_STEPS:
+                result["outcome"] = Outcome.MAX_STEPS.value
+                break
+    finally:
+        log.close()
+    result.update(step=state.step, epoch=state.epoch)
+    return result
+
+
+def _log_and_show(log: RunLog, bar: Any) -> Callable[[dict], None]:
+    def write(record: dict) -> None:
+        log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
+    return write

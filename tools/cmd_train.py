@@ -1,0 +1,218 @@
+"""`alexnet-fast train`, `alexnet-fast eval` and `alexnet-fast demo`.
+
+The commands check what the user asked for (flags, paths, the shard set) before any worker starts,
+so a mistake is one line and exit 2; the training itself lives in alexnet_fast.model.train.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from alexnet_fast.model.config import TrainConfig, config_options, resolve_config
+from alexnet_fast.tools.cli import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _open_shards(data: str):
+    from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
+
+    try:
+        shards = ShardSet.open(data)
+    except ShardSetError as e:
+        raise UserError(str(e)) from None
+    if not shards.has_split("train"):
+        raise UserError(f"shard set {data!r} has no train samples")
+    return shards
+
+
+def _check_devices(cfg: TrainConfig) -> None:
+    import torch
+
+    from alexnet_fast.model import distributed as D
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    device = D.resolve_device(cfg.device)
+    if device == "cuda" and cfg.gpus > torch.cuda.device_count() and not D.under_launcher():
+        raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    world = (int(os.environ["WORLD_SIZE"]) if D.under_launcher()
+             else D.local_world_size(device, cfg.gpus, cfg.nproc))
+    if cfg.batch_size % world:
+        raise click.BadParameter(
+            f"{cfg.batch_size} is the GLOBAL batch and must divide evenly over {world} ranks",
+            param_hint="--batch-size")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training per `cfg` and turn its outcome into an exit: 0 when it completed, reached
+    --max-steps or was stopped by a signal with a checkpoint written; 1 when it failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from alexnet_fast.model.train import run_training
+
+    try:
+        result = run_training(cfg)
+    except SignalException as e:
+        # The launcher passed the signal on to the workers, which wrote RUN/last.pt and exited.
+        click.echo(f"stopped by signal {e.sigval.name}; continue with --resume --out {cfg.out}", err=True)
+        return {"outcome": "stopped"}
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()), None)
+        raise click.ClickException(f"a training worker failed (exit code {getattr(first, 'exitcode', '?')}); "
+                                   f"its error is printed above") from None
+    if result.get("error"):
+        if int(os.environ.get("RANK", 0)) == 0:
+            raise click.ClickException(result["error"])
+        sys.exit(1)
+    return result
+
+
+@click.command("train", context_settings=CONTEXT)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file with TrainConfig keys (flags given here win over it)")
+@config_options
+def train_command(config_file: str | None, **flags) -> None:
+    """Train AlexNet on a shard set (DDP over every visible GPU, or --device cpu --nproc N).
+
+    --batch-size is the GLOBAL batch: it is split evenly over all ranks (2 GPUs x 64 = 128).
+    Values come from the --recipe preset (paper | fast), then --config FILE, then the flags.
+    The resolved config is printed and saved to OUT/config.json; metrics go to OUT/metrics.jsonl;
+    checkpoints to OUT/last.pt and OUT/best.pt. SIGTERM/SIGINT write a checkpoint and exit 0;
+    --resume continues where the run stopped.
+    """
+    cfg = resolve_config(flags.get("recipe") or "paper", config_file, flags)
+    if not cfg.data:
+        raise click.UsageError("--data SHARDS is required (a directory written by `alexnet-fast shards`)")
+    _open_shards(cfg.data)
+    _check_devices(cfg)
+    train(cfg)
+
+
+@click.command("eval", context_settings=CONTEXT)
+@click.option("--data", required=True, help="shard set directory (its val split is evaluated)")
+@click.option("--checkpoint", "checkpoint_path", required=True,
+              help="a checkpoint file, or a run directory (its last good checkpoint)")
+@click.option("--ten-crop", is_flag=True, help="average the softmax of 4 corner + centre crops and their flips")
+@click.option("--json", "as_json", is_flag=True, help='print {"top1": .., "top5": .., "images": ..}')
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="images per batch")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--loader", type=click.Choice(["dali", "baseline"]), default="dali", show_default=True)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="loader threads/workers")
+def eval_command(data, checkpoint_path, ten_crop, as_json, batch_size, device, loader, workers) -> None:
+    """Top-1/top-5 accuracy of a checkpoint over the whole val split, every image exactly once."""
+    result = evaluate_checkpoint(data, checkpoint_path, ten_crop=ten_crop, batch_size=batch_size,
+                                 device=device, loader=loader, workers=workers)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(f"top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  ({result.images} images"
+                   f"{', ten-crop' if ten_crop else ''})")
+
+
+def evaluate_checkpoint(data: str, checkpoint_path: str, *, ten_crop: bool = False, batch_size: int = 64,
+                        device: str = "auto", loader: str = "dali", workers: int = 4):
+    import torch
+
+    from alexnet_fast.model import checkpoint as ckpt
+    from alexnet_fast.model.alexnet import build_model
+    from alexnet_fast.model.distributed import resolve_device
+    from alexnet_fast.model.evaluate import evaluate
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+
+    shards = _open_shards(data)
+    if not shards.has_split("val"):
+        raise UserError(f"shard set {data!r} has no val samples to evaluate")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    try:
+        state, _ = ckpt.load_checkpoint(checkpoint_path)
+    except ckpt.CheckpointError as e:
+        raise UserError(str(e)) from None
+    if state["num_classes"] != shards.num_classes:
+        raise UserError(f"the checkpoint has {state['num_classes']} classes, the shard set {shards.num_classes}")
+    device = resolve_device(device)
+    model = build_model(state["arch"], state["num_classes"]).to(device)
+    model.load_state_dict(state["model"])
+    on_gpu = device == "cuda"
+    val = make_loader(LoaderSpec(data=data, split="val", kind=loader, batch_size=batch_size, device=device,
+                                 workers=workers, ten_crop=ten_crop, channels_last=on_gpu))
+    return evaluate(model, val, device, torch.bfloat16 if on_gpu else None, channels_last=on_gpu)
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+# Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
+# procedural images, a few minutes of training, well under the 10-minute budget end to end.
+DEMO_CPU = dict(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.02)
+DEMO_GPU = dict(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
+
+
+@click.command("demo", context_settings=CONTEXT)
+@click.option("--out", "out_dir", default=None, help="keep the sample, shards and run here (default: a temp dir)")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--loader", type=click.Choice(["dali", "baseline"]), default="dali", show_default=True)
+def demo_command(out_dir: str | None, device: str, loader: str) -> None:
+    """Write the built-in procedural sample as a raw ImageNet tree, shard it, train AlexNet
+    (one-weird-trick variant) on it, evaluate, and print images/sec and accuracy."""
+    import torch
+
+    from alexnet_fast.model.distributed import resolve_device
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    device = resolve_device(device)
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="alexnet-fast-demo-") as tmp:
+            run_demo(Path(tmp), device, loader)
+    else:
+        run_demo(Path(out_dir), device, loader)
+
+
+def run_demo(root: Path, device: str, loader: str) -> dict:
+    from alexnet_fast.tools.sample_data import SampleSpec, write_raw_imagenet
+    from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
+
+    size = DEMO_GPU if device == "cuda" else DEMO_CPU
+    started = time.perf_counter()
+    raw, shards_dir, run_dir = root / "raw", root / "shards", root / "run"
+    click.echo(f"[1/4] writing the procedural sample: {size['classes']} classes, "
+               f"{size['train_per_class']} train + {size['val_per_class']} val images each -> {raw}")
+    if not raw.exists():
+        write_raw_imagenet(raw, SampleSpec(classes=size["classes"], train_per_class=size["train_per_class"],
+                                           val_per_class=size["val_per_class"], odd_files=False))
+    click.echo(f"[2/4] sharding -> {shards_dir}")
+    report = make_shards(raw, shards_dir, ShardOptions(per_shard=200), workers=default_workers(),
+                         progress=True, log=lambda msg: click.echo(f"      {msg}"))
+    click.echo(f"      {report.summary()}")
+    cfg = resolve_config("fast", None, dict(
+        data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", epochs=size["epochs"],
+        batch_size=size["batch_size"], lr=size["lr"], scale_lr=False, warmup_epochs=1.0,
+        device=device, loader=loader, workers=2, log_every=5, resume=True))
+    click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on {device}")
+    train_started = time.perf_counter()
+    result = train(cfg)
+    train_seconds = time.perf_counter() - train_started
+    click.echo("[4/4] evaluating best.pt on the val split")
+    val = evaluate_checkpoint(str(shards_dir), str(run_dir / "best.pt"), batch_size=64, device=device,
+                              loader=loader, workers=2)
+    throughput = _mean_train_throughput(run_dir / "metrics.jsonl")
+    chance = 1.0 / size["classes"]
+    click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
+               f"(chance {chance:.0%}), top-5 {val.top5:.1%} over {val.images} images; "
+               f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s")
+    return {"val": val.as_dict(), "img_per_s": throughput, "outcome": result.get("outcome")}
+
+
+def _mean_train_throughput(metrics: Path) -> float:
+    """Mean img/s over the epoch records (each is an epoch's images / its training seconds)."""
+    rates = [r["img_per_s"] for r in map(json.loads, metrics.read_text().splitlines()) if "val_top1" in r]
+    return sum(rates) / len(rates) if rates else 0.0
