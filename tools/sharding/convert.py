@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from alexnet_fast.tools.sharding.errors import RejectedImage
 from alexnet_fast.tools.sharding.layout import RawItem
@@ -55,6 +56,11 @@ def read_item(item: RawItem) -> bytes:
     return data
 
 
+def _describe(error: Exception) -> str:
+    """`Type: message` without object addresses, so the same file gets the same reason every run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
+
+
 def _target_size(w: int, h: int, size: int) -> tuple[int, int]:
     """(w, h) with the shorter side exactly `size`."""
     if w <= h:
@@ -69,8 +75,10 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
     # struct.error, DecompressionBombError, ...): every one of them means "not a usable image".
     try:
         im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image: no image format recognised") from None
     except Exception as e:  # noqa: BLE001 - see above
-        raise RejectedImage(f"not an image: {type(e).__name__}: {e}") from None
+        raise RejectedImage(f"not an image: {_describe(e)}") from None
     try:
         orig_w, orig_h = im.size
         if orig_w < 1 or orig_h < 1:
@@ -97,5 +105,5 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
     except RejectedImage:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces only at load()
-        raise RejectedImage(f"cannot decode: {type(e).__name__}: {e}") from None
+        raise RejectedImage(f"cannot decode: {_describe(e)}") from None
     return Converted(buf.getvalue(), out.size[0], out.size[1], orig_w, orig_h)

@@ -1,0 +1,93 @@
+"""Same inputs and seed -> the same bytes, whatever the worker count; resume after a real kill -9."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from alexnet_fast.pipeline.shardset import ShardSet
+from alexnet_fast.tools.sample_data import SampleSpec, ValFormat, write_raw_imagenet
+from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
+
+MAKE_SHARDS = Path(__file__).resolve().parents[1] / "tools" / "make_shards"
+QUIET = dict(progress=False, log=lambda msg: None)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    spec = SampleSpec(classes=4, train_per_class=10, val_per_class=2, min_side=200, max_side=360,
+                      val_layout=ValFormat.FLAT_DEVKIT)
+    return write_raw_imagenet(tmp_path_factory.mktemp("raw"), spec).root
+
+
+@pytest.fixture(scope="module")
+def reference(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    make_shards(raw, out, ShardOptions(per_shard=3), workers=1, **QUIET)
+    return out
+
+
+def test_same_seed_same_bytes_with_any_worker_count(raw, reference, tmp_path):
+    make_shards(raw, tmp_path / "w2", ShardOptions(per_shard=3), workers=2, **QUIET)
+    assert _tree_bytes(tmp_path / "w2") == _tree_bytes(reference)
+
+
+def test_seed_changes_the_train_order_only(raw, reference, tmp_path):
+    make_shards(raw, tmp_path / "s1", ShardOptions(per_shard=3, seed=1), workers=1, **QUIET)
+
+    def sources(out, split):
+        order = []
+        for shard in ShardSet.open(out).shards(split):
+            with tarfile.open(shard.tar) as tar:
+                order += [tar.extractfile(m).read() for m in tar if m.name.endswith(".json")]
+        return order
+
+    assert sources(tmp_path / "s1", "train") != sources(reference, "train")
+    assert sorted(sources(tmp_path / "s1", "train")) == sorted(sources(reference, "train"))
+    assert sources(tmp_path / "s1", "val") == sources(reference, "val")
+
+
+def test_keep_aspect_and_size(raw, tmp_path):
+    make_shards(raw, tmp_path / "k", ShardOptions(per_shard=100, size=96, keep_aspect=True), workers=1, **QUIET)
+    shard = ShardSet.open(tmp_path / "k").shards("train")[0]
+    with tarfile.open(shard.tar) as tar:
+        sizes = [Image.open(io.BytesIO(tar.extractfile(m).read())).size for m in tar if m.name.endswith(".jpg")]
+    assert all(min(s) == 96 for s in sizes) and any(s[0] != s[1] for s in sizes)
+
+
+def test_rerun_of_a_complete_set_does_nothing(raw, reference):
+    before = _tree_bytes(reference)
+    report = make_shards(raw, reference, ShardOptions(per_shard=3), workers=1, **QUIET)
+    assert report.up_to_date and _tree_bytes(reference) == before
+
+
+def test_resume_after_kill_9_gives_identical_bytes(raw, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(MAKE_SHARDS), str(raw), str(out), "--per-shard", "3", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sidecar = out / ".make_shards" / "train-000003.json"
+    deadline = time.monotonic() + 60
+    while not sidecar.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "make_shards finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert len(list(out.glob("train-*.tar"))) >= 4
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "reused from an interrupted run" in rerun.stdout
+    assert _tree_bytes(out) == _tree_bytes(reference)
