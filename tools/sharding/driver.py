@@ -8,6 +8,7 @@ on the worker count, and finished shards always form a prefix (what resume relie
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import multiprocessing
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -105,15 +106,17 @@ def _convert(item: RawItem, opts: ImageOptions):
         return str(e)
 
 
-def _results(items: list[RawItem], opts: ImageOptions, workers: int) -> Iterator:
-    """Conversion results in input order, from a pool of `workers` processes (in-process for 1)."""
+@contextlib.contextmanager
+def _converter(opts: ImageOptions, workers: int):
+    """A function mapping items to conversion results in input order, over `workers` processes."""
     task = functools.partial(_convert, opts=opts)
-    if workers <= 1 or len(items) < 2:
-        yield from map(task, items)
+    if workers <= 1:
+        yield lambda items: map(task, items)
         return
-    # fork: workers need only PIL and the item list; spawn would re-import the script's __main__.
+    # fork, before any progress-bar thread exists: workers need only PIL and the items, and
+    # spawn would re-import `tools/make_shards` as __main__.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
+        yield lambda items: pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
 
 
 class _SplitWriter:
@@ -235,14 +238,15 @@ def make_shards(
         log(f"resuming: reusing {reused} finished shard(s)")
     tasks = [(split, i, item) for split in SPLITS for i, item in enumerate(ordered[split]) if i >= writers[split].first_item]
 
-    results: Iterable = _results([item for _, _, item in tasks], opts.image, workers)
-    if progress:
-        from tqdm import tqdm
+    with _converter(opts.image, workers if len(tasks) > 1 else 1) as convert_all:
+        results: Iterable = convert_all([item for _, _, item in tasks])
+        if progress:
+            from tqdm import tqdm
 
-        results = tqdm(results, total=len(tasks), unit="img", desc="make_shards", dynamic_ncols=True,
-                       mininterval=0.5, smoothing=0.1)
-    for (split, i, item), result in zip(tasks, results):
-        writers[split].add(i, item, result)
+            results = tqdm(results, total=len(tasks), unit="img", desc="make_shards", dynamic_ncols=True,
+                           mininterval=0.5, smoothing=0.1)
+        for (split, i, item), result in zip(tasks, results):
+            writers[split].add(i, item, result)
     for split in SPLITS:
         writers[split].flush(len(ordered[split]))
 

@@ -43,7 +43,7 @@ class ValLayout(enum.Enum):
     TAR = "tar"  # ILSVRC2012_img_val.tar, labels from devkit/Kaggle
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 1.3M of these for full ImageNet
 class RawItem:
     """One input file. Tar members are read in place: `file` is the tar, `offset`/`size` the bytes."""
 

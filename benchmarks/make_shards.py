@@ -1,0 +1,109 @@
+"""make_shards images/sec against a plain one-process PIL loop on the same inputs, in the same run.
+
+    python benchmarks/make_shards.py                  # 400 ImageNet-sized JPEGs, all cores
+    python benchmarks/make_shards.py --images 2000 --workers 8 --json make_shards.json
+
+Inputs: a raw train/<wnid>/ tree of procedurally drawn JPEGs whose sizes follow ImageNet's
+mix (most about 500x375, a fifth 800-1200 px, a few 1600-2400 px). Baseline: for each file
+`Image.open -> convert("RGB") -> resize (shorter side 256, same filter) -> centre crop -> save`
+as a quality-90 JPEG file, one process. make_shards: the real end-to-end run (discovery,
+parallel conversion with draft(), tar + index writing, manifest; stats on 64 images).
+Target: ratio >= 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+from alexnet_fast.tools.sample_data import class_wnids, draw_image
+from alexnet_fast.tools.sharding.convert import RESAMPLE
+from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
+
+
+def imagenet_like_size(rng: np.random.Generator) -> tuple[int, int]:
+    r = rng.random()
+    if r < 0.75:
+        long, short = 500, int(rng.integers(333, 376))
+    elif r < 0.95:
+        long, short = int(rng.integers(800, 1201)), int(rng.integers(600, 800))
+    else:
+        long, short = int(rng.integers(1600, 2401)), int(rng.integers(1200, 1600))
+    return (long, short) if rng.random() < 0.7 else (short, long)
+
+
+def write_inputs(root: Path, images: int, classes: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    wnids = class_wnids(classes)
+    paths = []
+    for i in range(images):
+        c = i % classes
+        path = root / "train" / wnids[c] / f"{wnids[c]}_{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_image(c, classes, rng, size=imagenet_like_size(rng)).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def baseline_loop(paths: list[Path], out: Path, size: int = 256) -> float:
+    """The plain loop: open, resize shorter side, centre crop, save. Returns seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for i, path in enumerate(paths):
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), RESAMPLE)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im.crop((left, top, left + size, top + size)).save(out / f"{i}.jpg", "JPEG", quality=90)
+    return time.perf_counter() - started
+
+
+@click.command()
+@click.option("--images", type=click.IntRange(min=10), default=400, show_default=True)
+@click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="make_shards processes [default: all cores]")
+@click.option("--seed", type=int, default=0)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the results here")
+def main(images, classes, workers, seed, json_path):
+    workers = workers or default_workers()
+    with tempfile.TemporaryDirectory(prefix="bench_make_shards_") as tmp:
+        tmp = Path(tmp)
+        paths = write_inputs(tmp / "raw", images, classes, seed)
+        megapixels = sum(np.prod(Image.open(p).size) for p in paths) / 1e6
+        baseline_s = baseline_loop(paths, tmp / "baseline")
+        shutil.rmtree(tmp / "baseline")
+        started = time.perf_counter()
+        make_shards(tmp / "raw", tmp / "out", ShardOptions(per_shard=100, stats_images=64), workers=workers,
+                    progress=False, log=lambda msg: None)
+        shards_s = time.perf_counter() - started
+    result = {
+        "images": images,
+        "mean_megapixels": round(megapixels / images, 3),
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "baseline_img_per_s": round(images / baseline_s, 1),
+        "make_shards_img_per_s": round(images / shards_s, 1),
+        "ratio": round(baseline_s / shards_s, 2),
+        "target_ratio": 2.0,
+    }
+    click.echo(f"inputs: {images} JPEGs, mean {result['mean_megapixels']} MP; {workers} workers on "
+               f"{result['cpu_count']} CPUs, load average {result['load_average_1min']}")
+    click.echo(f"baseline PIL loop (1 process): {result['baseline_img_per_s']:.1f} img/s")
+    click.echo(f"make_shards:                   {result['make_shards_img_per_s']:.1f} img/s")
+    click.echo(f"ratio: {result['ratio']:.2f}x (target >= 2x)")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
