@@ -42,13 +42,14 @@ def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, worker
 @click.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="processes [default: all cores]")
-def verify_command(out, workers):
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def verify_command(out, workers, no_progress):
     """Re-read every shard in OUT: counts, sha256, index, every JPEG decodes. Exit 1 on any mismatch."""
     from alexnet_fast.pipeline.shardset import ShardSetError
     from alexnet_fast.tools.sharding.verify import verify_shard_set
 
     try:
-        report = verify_shard_set(out, workers=workers or default_workers())
+        report = verify_shard_set(out, workers=workers or default_workers(), progress=not no_progress)
     except ShardSetError as e:
         raise UserError(str(e)) from None
     for problem in report.problems:

@@ -213,6 +213,8 @@ def make_shards(
     previous = read_manifest(out)
     if previous is not None:
         if previous.get("created_by", {}).get("fingerprint") == fingerprint:
+            resume.clear_state(out)  # a kill between manifest and clean-up leaves the sidecars
+            resume.remove_temporaries(out)
             return RunReport(out, discovery.describe(), {}, {}, 0, len(previous.get("rejected", [])), 0.0, 0,
                              up_to_date=True)
         if not overwrite:

@@ -108,18 +108,24 @@ def _verify_task(args: tuple[ShardFile, int]) -> tuple[int, list[str]]:
     return verify_shard(*args)
 
 
-def verify_shard_set(out: Path, workers: int = 1) -> VerifyReport:
+def verify_shard_set(out: Path, workers: int = 1, progress: bool = False) -> VerifyReport:
     shard_set = ShardSet.open(out)
     report = VerifyReport()
     tasks = [(s, shard_set.num_classes) for split in SPLITS if split in shard_set.manifest["splits"]
              for s in shard_set.shards(split)]
-    if workers > 1 and len(tasks) > 1:
-        with get_context("fork").Pool(min(workers, len(tasks))) as pool:
-            results = pool.map(_verify_task, tasks, chunksize=1)
-    else:
-        results = list(map(_verify_task, tasks))
-    for count, problems in results:
-        report.shards += 1
-        report.samples += count
-        report.problems.extend(problems)
+    pool = get_context("fork").Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
+    try:
+        # Results in manifest order, so the problem list reads shard by shard.
+        results = pool.imap(_verify_task, tasks) if pool else map(_verify_task, tasks)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(tasks), unit="shard", desc="verify", dynamic_ncols=True)
+        for count, problems in results:
+            report.shards += 1
+            report.samples += count
+            report.problems.extend(problems)
+    finally:
+        if pool:
+            pool.terminate()
     return report
