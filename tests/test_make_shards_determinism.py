@@ -87,7 +87,14 @@ def test_resume_after_kill_9_gives_identical_bytes(raw, reference, tmp_path):
     assert not (out / "manifest.json").exists()
     assert len(list(out.glob("train-*.tar"))) >= 4
 
+    # Finished shards are re-hashed before reuse: a damaged one (and all after it) is redone.
+    damaged = out / "train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[700] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (out / "train-000099.tar.tmp").write_bytes(b"half-written by the killed run")
+
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
-    assert "reused from an interrupted run" in rerun.stdout
+    assert "1 shard(s) reused from an interrupted run" in rerun.stdout
     assert _tree_bytes(out) == _tree_bytes(reference)
