@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from alexnet_fast.pipeline.shardset import ShardSet
@@ -74,3 +75,12 @@ def test_shards_match_manifest_and_dali_index(shard_set, tmp_path):
         with wds2idx.IndexCreator(str(shard.tar), str(reference), verbose=False) as creator:
             creator.create_index()
         assert shard.index.read_text() == reference.read_text()
+
+
+def test_stats_json_covers_the_train_shards(shard_set):
+    pytest.importorskip("alexnet_fast.pipeline.stats")
+    shard_set_ = ShardSet.open(shard_set)
+    stats = shard_set_.stats()
+    assert stats["images"] == shard_set_.num_samples("train")
+    assert stats["pixels"] == stats["images"] * 256 * 256
+    assert not list(shard_set.glob(".*tmp*")) and not (shard_set / ".make_shards").exists()

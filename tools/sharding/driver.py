@@ -179,13 +179,15 @@ def _remove_shard_files(out: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _compute_stats(out: Path, train_tars: list[Path], opts: ShardOptions, workers: int, log) -> None:
+def _compute_stats(out: Path, train_tars: list[Path], opts: ShardOptions, workers: int, progress: bool, log) -> None:
+    """stats.json from the finished train shards (Numba; alexnet_fast.pipeline.stats)."""
     try:
         from alexnet_fast.pipeline.stats import compute_stats, write_stats
-    except ImportError:
-        log("statistics module not available yet: stats.json not written (run `alexnet-fast stats OUT` later)")
+    except ImportError:  # a checkout without the statistics module: shards are still usable
+        log("statistics module not available: stats.json not written (run `alexnet-fast stats OUT` later)")
         return
-    stats = compute_stats(train_tars, max_images=opts.stats_images, seed=opts.seed, workers=workers)
+    stats = compute_stats(train_tars, max_images=opts.stats_images, seed=opts.seed, workers=workers,
+                          progress=progress)
     write_stats(out, stats)
 
 
@@ -256,7 +258,7 @@ def make_shards(
     _remove_shard_files(out, keep)  # shards of an earlier, longer attempt of this job
     train_tars = [out / r.tar for r in writers["train"].records()]
     if train_tars:
-        _compute_stats(out, train_tars, opts, workers, log)
+        _compute_stats(out, train_tars, opts, workers, progress, log)
 
     rejected = discovery.rejected + [r for w in writers.values() for r in w.rejected()]
     manifest = build_manifest(discovery, args, fingerprint, {s: w.records() for s, w in writers.items()}, rejected)

@@ -83,7 +83,9 @@ def reusable_prefix(out: Path, split: str, fingerprint: str) -> list[FinishedSha
 
 def remove_temporaries(out: Path) -> None:
     """Half-written files of a killed run (`*.tmp`): never complete, never reused."""
-    for path in list(out.glob(f"*{TMP_SUFFIX}")) + list((out / STATE_DIR).glob(f"*{TMP_SUFFIX}")):
+    leftovers = [*out.glob(f"*{TMP_SUFFIX}"), *(out / STATE_DIR).glob(f"*{TMP_SUFFIX}"),
+                 *out.glob(f".*{TMP_SUFFIX}-*")]  # the stats writer's `.stats.json.tmp-<pid>`
+    for path in leftovers:
         path.unlink(missing_ok=True)
 
 
