@@ -111,10 +111,18 @@ def _walk_files(folder: Path, raw: Path, split: str, rejected: list[Rejection]) 
     return files
 
 
+def _list_split_dir(split_dir: Path) -> list[os.DirEntry]:
+    """Entries of RAW/train or RAW/val; not being able to list one is the user's to fix."""
+    try:
+        return sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as e:
+        raise ShardingError(f"cannot list {str(split_dir)!r}: {e.strerror or e}") from None
+
+
 def _class_folders(split_dir: Path) -> tuple[list[Path], list[Path]]:
     """(sub-folders, other entries) of a split folder; symlinked class folders are followed."""
     folders, others = [], []
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+    for entry in _list_split_dir(split_dir):
         try:
             is_dir = entry.is_dir()  # follows a symlinked class folder; a symlink loop is not a dir
         except OSError:
@@ -255,18 +263,21 @@ def discover(raw: Path) -> Discovery:
     val: list[RawItem] = []
     val_layout, val_labels = ValLayout.NONE, "none"
     val_dir = base / "val"
-    if val_dir.is_dir() and _class_folders(val_dir)[0]:
+    has_val_dir = val_dir.is_dir() and bool(_list_split_dir(val_dir))  # an empty val/ is no val split
+    if val_dir.is_dir() and not has_val_dir:
+        notes.append("val/ is empty: no val split written")
+    if has_val_dir and _class_folders(val_dir)[0]:
         val_layout, val_labels = ValLayout.FOLDERS, "folders"
         val, _ = _folder_items(val_dir, raw, "val", rejected, notes, wnids_only)
-    elif val_dir.is_dir() or (raw / VAL_TAR).is_file():
+    elif has_val_dir or (raw / VAL_TAR).is_file():
         labels = find_val_labels(raw)
         if labels is None:
             raise ShardingError(
-                f"val images in {str(val_dir if val_dir.is_dir() else raw / VAL_TAR)!r} are not in class folders "
+                f"val images in {str(val_dir if has_val_dir else raw / VAL_TAR)!r} are not in class folders "
                 "and no val labels were found: put ILSVRC2012_devkit_t12/ (or its .tar.gz) or LOC_val_solution.csv in RAW"
             )
         val_labels = labels.origin
-        if val_dir.is_dir():
+        if has_val_dir:
             val_layout = ValLayout.FLAT
             files = [(_rel(p, raw), str(p), 0, -1) for p in _walk_files(val_dir, raw, "val", rejected)]
         else:
