@@ -113,6 +113,10 @@ def verify_shard_set(out: Path, workers: int = 1, progress: bool = False) -> Ver
     report = VerifyReport()
     tasks = [(s, shard_set.num_classes) for split in SPLITS if split in shard_set.manifest["splits"]
              for s in shard_set.shards(split)]
+    for split, entry in shard_set.manifest["splits"].items():
+        listed = sum(s["samples"] for s in entry["shards"])
+        if entry["samples"] != listed:
+            report.problems.append(f"manifest: {split} total {entry['samples']} != {listed}, the sum over its shards")
     pool = get_context("fork").Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
     try:
         # Results in manifest order, so the problem list reads shard by shard.
