@@ -8,13 +8,44 @@
 
 `kind="dali"` is the DALI pipeline (GPU decode with device="cuda", its CPU twin with "cpu");
 `kind="baseline"` is webdataset + PIL + torch DataLoader doing the same augmentation math.
+
+How an epoch is split and shuffled (both loaders follow the same `EpochPlan`):
+- Train: the shard files are permuted per epoch by a generator seeded with (seed, epoch) -- the same
+  permutation on every rank -- and the concatenated sample list is cut into `world_size` contiguous
+  ranges exactly as DALI's reader does (`shard_id`/`num_shards`: rank r gets [N*r/k, N*(r+1)/k)).
+  Each rank shuffles its range through a buffer seeded by (seed, epoch, rank), and runs exactly
+  (N // k) // batch_size full batches, so every rank steps the same number of times (DDP needs it).
+- Val: manifest order, the same contiguous ranges, every sample exactly once: the reader pads its
+  last batch (`pad_last_batch=True`) and the loader trims it, so padding never reaches metrics.
+
+Why not DALI's `shuffle_after_epoch`: it permutes the tars only between epochs of one long-lived
+pipeline, with the permutation a function of the number of epochs already run, so a run resumed
+at epoch e would see a different order than the uninterrupted run. The DALI loader instead builds
+a fresh pipeline per epoch from `EpochPlan(seed, epoch, rank)`: `set_epoch(e)` alone fixes every
+sample order and every random crop/flip/alpha of that epoch (rebuilding costs well under a second,
+once per epoch). A mid-epoch resume replays the epoch and skips the batches already trained on.
+
+Corrupt samples (a JPEG inside a shard that does not decode): DALI reports only "nvImageCodec
+failure" for the batch, not which sample. The DALI loader then replays the reader alone (same
+config and seed, so the same order, no decoding) over the failed batch and the prefetched ones,
+decodes each candidate with DALI's CPU decoder and names the shard and key in a
+`CorruptSampleError`. With `on_corrupt="skip"` it instead points that sample's image at another
+sample of the same tar in a patched copy of the .idx (the sample count and order stay the same, so
+rank ranges and shuffles are unchanged), drops that row from its batches, and counts it in
+`loader.skipped` / `loader.num_skipped`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Literal, Protocol
 
+import numpy as np
 import torch
+
+from alexnet_fast.pipeline.shardset import ShardFile, ShardSet
 
 
 @dataclass(frozen=True)
@@ -35,6 +66,8 @@ class LoaderSpec:
     ten_crop: bool = False                      # val only: images [B,10,3,crop,crop]
     lighting_std: float = 0.1                   # PCA lighting alpha ~ N(0, lighting_std); 0 disables
     on_corrupt: Literal["error", "skip"] = "error"
+    shuffle_buffer: int = 4096                  # train: per-rank shuffle buffer (samples)
+    prefetch: int = 2                           # DALI prefetch queue depth / DataLoader prefetch_factor
 
 
 class Loader(Protocol):
@@ -47,5 +80,286 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+class CorruptSampleError(RuntimeError):
+    """A sample inside a shard cannot be decoded; the message names the shard and the key."""
+
+
 def make_loader(spec: LoaderSpec) -> Loader:
-    raise NotImplementedError("pipeline loaders are not written yet")
+    _check_spec(spec)
+    shard_set = ShardSet.open(spec.data)
+    if not shard_set.has_split(spec.split):
+        raise ValueError(f"shard set {spec.data!r} has no {spec.split} samples")
+    if spec.kind == "dali":
+        return DaliLoader(spec, shard_set)
+    from alexnet_fast.pipeline.baseline import BaselineLoader
+    return BaselineLoader(spec, shard_set)
+
+
+def _check_spec(spec: LoaderSpec) -> None:
+    if spec.kind not in ("dali", "baseline"):
+        raise ValueError(f"loader kind must be 'dali' or 'baseline', not {spec.kind!r}")
+    if spec.split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {spec.split!r}")
+    if spec.ten_crop and spec.split != "val":
+        raise ValueError("ten_crop is for the val split only")
+    if not 0 <= spec.rank < spec.world_size:
+        raise ValueError(f"rank {spec.rank} is outside world size {spec.world_size}")
+    if spec.batch_size < 1 or spec.workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    if spec.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {spec.dtype}")
+    if spec.on_corrupt not in ("error", "skip"):
+        raise ValueError(f"on_corrupt must be 'error' or 'skip', not {spec.on_corrupt!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch plan both loaders follow
+# --------------------------------------------------------------------------------------------
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the samples `rank` reads: DALI's reader split (integer floor division)."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (DALI seeds are signed ints)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    shards: tuple[ShardFile, ...]   # in reading order
+    start: int                      # this rank's samples: [start, stop) of the concatenated order
+    stop: int
+    batches: int                    # batches per epoch on this rank
+    num_samples: int
+    seed: int                       # seeds this rank's shuffle and random augmentation
+
+    @classmethod
+    def make(cls, spec: LoaderSpec, shard_set: ShardSet, epoch: int) -> "EpochPlan":
+        shards = shard_set.shards(spec.split)
+        total = sum(s.samples for s in shards)
+        train = spec.split == "train"
+        if train:  # same permutation on every rank: a function of (seed, epoch) only
+            order = np.random.default_rng(derive_seed(spec.seed, epoch)).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        start, stop = rank_range(total, spec.rank, spec.world_size)
+        if train:
+            batches = (total // spec.world_size) // spec.batch_size   # the smallest rank's full batches
+            if batches == 0:
+                raise ValueError(f"{total} train samples over {spec.world_size} rank(s) do not fill one batch of "
+                                 f"{spec.batch_size}: use a smaller batch size")
+            num_samples = batches * spec.batch_size
+        else:
+            num_samples = stop - start
+            batches = math.ceil(num_samples / spec.batch_size)
+        return cls(tuple(shards), start, stop, batches, num_samples, derive_seed(spec.seed, epoch, spec.rank, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# DALI
+# --------------------------------------------------------------------------------------------
+class DaliLoader:
+    """The DALI pipelines behind the Loader contract (see the module docstring)."""
+
+    def __init__(self, spec: LoaderSpec, shard_set: ShardSet):
+        from alexnet_fast.pipeline.augment import ColorStats
+
+        self.spec = spec
+        self.shard_set = shard_set
+        self.stats = ColorStats.from_dict(shard_set.stats())
+        self.epoch = 0
+        self.skipped: list[str] = []            # "<tar>:<key>" of every corrupt sample skipped so far
+        self._patched: dict[str, Path] = {}     # tar path -> patched .idx (on_corrupt="skip")
+        self._patch_dir: tempfile.TemporaryDirectory | None = None
+        self._plan = EpochPlan.make(spec, shard_set, 0)
+        self.with_params = False                # tests: also yield the drawn crop/mirror/alpha
+
+    # -- the Loader contract ------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        skipped_here = len(self.skipped) if self.spec.split == "val" else 0
+        return self._plan.num_samples - skipped_here
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return self._plan.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._plan = EpochPlan.make(self.spec, self.shard_set, epoch)
+
+    def __iter__(self):
+        plan, done = self._plan, 0
+        pipe = self._build(plan)
+        while done < plan.batches:
+            try:
+                outputs = pipe.run()
+            except RuntimeError as error:
+                del pipe
+                self._locate_corrupt(plan, done, error)      # raises, or records the samples to skip
+                pipe = self._build(plan)
+                for _ in range(done):                        # same seed: the same batches as before
+                    pipe.run()
+                continue
+            batch = self._to_torch(outputs, plan, done)
+            done += 1
+            yield batch
+
+    # -- building -----------------------------------------------------------------------------
+    def _reader_config(self, plan: EpochPlan):
+        from alexnet_fast.pipeline.dali_pipelines import ReaderConfig
+
+        train = self.spec.split == "train"
+        return ReaderConfig(
+            paths=tuple(str(s.tar) for s in plan.shards),
+            index_paths=tuple(str(self._patched.get(str(s.tar), s.index)) for s in plan.shards),
+            shard_id=self.spec.rank, num_shards=self.spec.world_size, shuffle=train,
+            initial_fill=max(1, min(self.spec.shuffle_buffer, plan.stop - plan.start)), seed=plan.seed)
+
+    def _pipeline_args(self, plan: EpochPlan) -> dict:
+        on_gpu = self.spec.device == "cuda"
+        return dict(batch_size=self.spec.batch_size, num_threads=self.spec.workers,
+                    device_id=self.spec.device_id if on_gpu else None, seed=plan.seed,
+                    prefetch_queue_depth=self.spec.prefetch)
+
+    def _build(self, plan: EpochPlan):
+        from alexnet_fast.pipeline import dali_pipelines as dp
+
+        decoder = dp.DecodeConfig(on_gpu=self.spec.device == "cuda")
+        out = dp.OutputConfig(crop=self.spec.crop, fp16=self.spec.dtype != torch.float32,
+                              channels_last=self.spec.channels_last)
+        reader = self._reader_config(plan)
+        if self.spec.split == "train":
+            pipe = dp.train_pipeline(reader, decoder, out, self.stats, lighting_std=self.spec.lighting_std,
+                                     with_params=self.with_params, **self._pipeline_args(plan))
+        else:
+            pipe = dp.val_pipeline(reader, decoder, out, self.stats, ten_crop=self.spec.ten_crop,
+                                   **self._pipeline_args(plan))
+        pipe.build()
+        return pipe
+
+    # -- output -------------------------------------------------------------------------------
+    def _to_torch(self, outputs, plan: EpochPlan, index: int):
+        images, labels, sources = outputs[:3]
+        device = torch.device(self.spec.device, self.spec.device_id) if self.spec.device == "cuda" else torch.device("cpu")
+        x = _dali_to_torch(images, device)
+        y = _dali_to_torch(labels, device)
+        if self.spec.channels_last:        # per-sample HWC -> an NCHW view with channels_last strides
+            x = x.permute(0, 1, 4, 2, 3) if x.ndim == 5 else x.permute(0, 3, 1, 2)
+        if self.spec.dtype == torch.bfloat16:
+            x = x.to(torch.bfloat16)       # DALI has no bfloat16: fp16 out of DALI, cast on the device
+        keep = len(y)
+        if self.spec.split == "val" and index == plan.batches - 1:
+            keep = plan.num_samples - index * self.spec.batch_size   # trim the reader's padding
+        rows = None
+        if self.skipped:                   # only then look at source_info (host strings)
+            names = [_source_name(sources.at(i)) for i in range(keep)]
+            rows = [i for i, name in enumerate(names) if name not in self._skipped_set]
+            if len(rows) == keep:
+                rows = None
+        if rows is not None:
+            index_t = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            x, y = x.index_select(0, index_t), y.index_select(0, index_t)
+        elif keep < len(y):
+            x, y = x[:keep], y[:keep]
+        if self.with_params:
+            params = tuple(np.stack([np.asarray(t.at(i)) for i in range(keep)]) for t in outputs[3:])
+            names = [_source_name(sources.at(i)) for i in range(keep)]
+            return x, y, names, params
+        return x, y
+
+    # -- corrupt samples ----------------------------------------------------------------------
+    @property
+    def _skipped_set(self) -> set[str]:
+        return set(self.skipped)
+
+    def _locate_corrupt(self, plan: EpochPlan, failed_batch: int, error: RuntimeError) -> None:
+        from alexnet_fast.pipeline import dali_pipelines as dp
+
+        # The failing batch is the one asked for or one the executor had prefetched behind it.
+        last = min(plan.batches, failed_batch + self.spec.prefetch + 1)
+        replay = dp.replay_reader_pipeline(self._reader_config(plan), batch_size=self.spec.batch_size,
+                                           num_threads=1, device_id=None, seed=plan.seed)
+        replay.build()
+        candidates: dict[str, np.ndarray] = {}
+        for batch in range(last):
+            jpgs, sources = replay.run()
+            if batch >= failed_batch:
+                for i in range(len(jpgs)):
+                    candidates.setdefault(_source_name(sources.at(i)), np.asarray(jpgs.at(i)))
+        del replay
+        bad = [name for name, data in candidates.items() if name not in self._skipped_set and not _decodes(data)]
+        where = f"rank {self.spec.rank}, {self.spec.split} epoch {self.epoch}, batch {failed_batch}"
+        if not bad:
+            first_line = next((ln for ln in str(error).splitlines() if "failure" in ln or "rror" in ln), str(error))
+            raise RuntimeError(f"DALI failed at {where} ({first_line.strip()}), but every sample of that batch "
+                               f"decodes on the CPU; see the DALI error above") from error
+        if self.spec.on_corrupt == "error":
+            names = ", ".join(f"shard {tar}, key {key}" for tar, key in (n.rsplit(":", 1) for n in bad))
+            raise CorruptSampleError(f"corrupt JPEG ({names}) at {where}: re-make that shard, or pass "
+                                     f"on_corrupt='skip' to skip and count corrupt samples") from None
+        for name in bad:
+            self._skip(name)
+
+    def _skip(self, name: str) -> None:
+        """Point the corrupt sample's jpg at another sample of its tar in a patched index copy."""
+        tar, key = name.rsplit(":", 1)
+        if self._patch_dir is None:
+            self._patch_dir = tempfile.TemporaryDirectory(prefix="alexnet-fast-idx-")
+        shard = next(s for s in self.shard_set.shards(self.spec.split) if str(s.tar) == tar)
+        source = self._patched.get(tar, shard.index)
+        header, *lines = Path(source).read_text().splitlines()
+        rows = [line.split() for line in lines]
+        bad_keys = {n.rsplit(":", 1)[1] for n in self.skipped + [name] if n.rsplit(":", 1)[0] == tar}
+        donor = next((r for r in rows if _row_key(r) not in bad_keys), None)
+        if donor is None:
+            raise CorruptSampleError(f"every sample of shard {tar} is corrupt: re-make that shard")
+        for row in rows:
+            if _row_key(row) == key:
+                j, d = row.index("jpg"), donor.index("jpg")
+                row[j + 1:j + 3] = donor[d + 1:d + 3]
+        patched = Path(self._patch_dir.name) / (Path(tar).name + ".idx")
+        patched.write_text("\n".join([header] + [" ".join(r) for r in rows]) + "\n")
+        self._patched[tar] = patched
+        self.skipped.append(name)
+
+
+def _row_key(row: list[str]) -> str:
+    """The sample key of one .idx line (`ext offset size name` groups)."""
+    return row[3].split(".", 1)[0]
+
+
+def _source_name(info) -> str:
+    """'<tar>:<offset>:<key>.jpg' (DALI source_info) -> '<tar>:<key>'."""
+    text = bytes(np.asarray(info)).decode()
+    tar, _offset, member = text.rsplit(":", 2)
+    return f"{tar}:{member.split('.', 1)[0]}"
+
+
+def _decodes(data: np.ndarray) -> bool:
+    """Whether DALI's CPU decoder decodes these JPEG bytes (a one-sample pipeline)."""
+    from alexnet_fast.pipeline.dali_pipelines import decode_check_pipeline
+
+    pipe = decode_check_pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                                 exec_async=False, exec_pipelined=False)
+    pipe.build()
+    pipe.feed_input("jpg", [data])
+    try:
+        pipe.run()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
+    """Copy a dense DALI batch into a new torch tensor on `device` (device-to-device on the GPU)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = batch.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out

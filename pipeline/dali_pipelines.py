@@ -1,0 +1,152 @@
+"""DALI pipeline definitions: read WebDataset shards -> decode -> crop/mirror/lighting/normalize.
+
+The same graph runs on the GPU (`decoder="mixed"`: nvJPEG and the hardware JPEG decoder, outputs in
+device memory) and on the CPU (`decoder="cpu"`, `device_id=None`): only the decoder's backend
+changes, every other operator and parameter is identical, so what the CPU tests check is what the
+GPU runs.
+
+Train: random crop position, coin-flip mirror and lighting alpha are drawn by DALI's own seeded
+random operators, and lighting is folded into a per-sample mean of one `crop_mirror_normalize`
+(see `augment.py`): crop + mirror + lighting + normalize + layout + dtype in one kernel.
+Val: the centre crop, or ten views (augment.TEN_CROP_VIEWS) stacked as [10, ...] per sample.
+
+Every pipeline returns (images, labels, source_info[, params...]). `source_info` is the reader's
+"<tar>:<offset>:<key>.jpg" string per sample; the loader looks at it only to drop a sample that
+`on_corrupt="skip"` replaced (see loaders.py), otherwise it never leaves DALI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+from alexnet_fast.pipeline.augment import CROP, TEN_CROP_VIEWS, ColorStats
+
+READER_NAME = "reader"
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    paths: tuple[str, ...]          # tar files, in the order the reader splits them into rank ranges
+    index_paths: tuple[str, ...]    # DALI .idx beside each tar (or a patched copy, see loaders.py)
+    shard_id: int = 0               # this rank
+    num_shards: int = 1             # world size
+    shuffle: bool = False
+    initial_fill: int = 4096        # shuffle buffer (samples); make_shards already shuffled train globally
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    on_gpu: bool = False
+    # Share of images for the A100/H100 hardware JPEG decoder; the rest go to nvJPEG's CUDA path.
+    hw_decoder_load: float = 0.75
+    # Pre-allocation hints (bytes) so the first iterations do not reallocate: a 256x256 RGB image
+    # is 196,608 bytes decoded, and a batch's host staging of encoded JPEGs stays far below 16 MiB.
+    device_memory_padding: int = 16 * 1024 * 1024
+    host_memory_padding: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    crop: int = CROP
+    fp16: bool = False              # DALI writes FLOAT16 (bf16 is a cast in torch: DALI has no bfloat16)
+    channels_last: bool = False     # HWC per sample -> NHWC memory = torch channels_last
+
+    @property
+    def dtype(self):
+        return types.FLOAT16 if self.fp16 else types.FLOAT
+
+    @property
+    def layout(self) -> str:
+        return "HWC" if self.channels_last else "CHW"
+
+
+def read_shards(reader: ReaderConfig):
+    """(encoded jpg bytes, int32 label) per sample, from this rank's part of the shard list."""
+    jpg, label = fn.readers.webdataset(
+        paths=list(reader.paths), index_paths=list(reader.index_paths),
+        ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
+        shard_id=reader.shard_id, num_shards=reader.num_shards,
+        # pad_last_batch: a rank's last batch repeats its last sample instead of wrapping into the
+        # next rank's samples; the loader trims val's last batch, so the padding is never seen.
+        pad_last_batch=True,
+        random_shuffle=reader.shuffle, initial_fill=reader.initial_fill, seed=reader.seed,
+        name=READER_NAME,
+    )
+    return jpg, label
+
+
+def decode(jpg, decoder: DecodeConfig):
+    if decoder.on_gpu:
+        return fn.decoders.image(
+            jpg, device="mixed", output_type=types.RGB, hw_decoder_load=decoder.hw_decoder_load,
+            device_memory_padding=decoder.device_memory_padding, host_memory_padding=decoder.host_memory_padding,
+            preallocate_width_hint=256, preallocate_height_hint=256)
+    return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+
+
+def _labels(label, decoder: DecodeConfig):
+    label = fn.cast(fn.reshape(label, shape=[]), dtype=types.INT64)   # [1] int32 -> scalar int64
+    return label.gpu() if decoder.on_gpu else label
+
+
+def _normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror):
+    return fn.crop_mirror_normalize(
+        images, crop=(out.crop, out.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
+        mean=mean, std=std, dtype=out.dtype, output_layout=out.layout)
+
+
+@pipeline_def
+def train_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfig, stats: ColorStats,
+                   lighting_std: float = 0.1, with_params: bool = False):
+    """Random crop + mirror + PCA lighting + normalize; with_params also returns what was drawn."""
+    jpg, label = read_shards(reader)
+    images = decode(jpg, decoder)
+    crop_x = fn.random.uniform(range=[0.0, 1.0])
+    crop_y = fn.random.uniform(range=[0.0, 1.0])
+    mirror = fn.random.coin_flip(probability=0.5)
+    mean = types.Constant(np.float32(stats.mean_255))
+    if lighting_std > 0:
+        alpha = fn.random.normal(shape=[3], stddev=lighting_std)
+        # 255 * (mean - eigvec @ (alpha * eigval)), as a sum over the three eigenvectors
+        for j in range(3):
+            mean = mean - alpha[j] * types.Constant(np.float32(255.0 * stats.eigval[j] * stats.eigvec[:, j]))
+    else:
+        alpha = types.Constant(np.zeros(3, np.float32))
+    normalized = _normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror)
+    outputs = (normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info"))
+    if with_params:
+        outputs += (crop_x, crop_y, mirror, alpha)
+    return outputs
+
+
+@pipeline_def
+def val_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfig, stats: ColorStats,
+                 ten_crop: bool = False):
+    """Centre crop, or the ten views stacked per sample ([10, ...])."""
+    jpg, label = read_shards(reader)
+    images = decode(jpg, decoder)
+    mean, std = list(stats.mean_255), list(stats.std_255)
+    if ten_crop:
+        views = [_normalize(images, out, mean, std, x, y, int(m)) for (x, y, m) in TEN_CROP_VIEWS]
+        normalized = fn.stack(*views, axis=0)
+    else:
+        normalized = _normalize(images, out, mean, std, 0.5, 0.5, 0)
+    return normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info")
+
+
+@pipeline_def
+def replay_reader_pipeline(reader: ReaderConfig):
+    """The reader alone (same config and seed, so the same sample order): encoded bytes and
+    source_info, to find which sample of a failed batch is corrupt without decoding everything."""
+    jpg, _ = read_shards(reader)
+    return jpg, fn.get_property(jpg, key="source_info")
+
+
+@pipeline_def
+def decode_check_pipeline():
+    """Decodes encoded images fed as "jpg" with the CPU decoder (the corrupt-sample check)."""
+    jpg = fn.external_source(name="jpg", dtype=types.UINT8)
+    return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
