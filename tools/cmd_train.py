@@ -42,6 +42,9 @@ def _check_devices(cfg: TrainConfig) -> None:
     device = D.resolve_device(cfg.device)
     if device == "cuda" and cfg.gpus > torch.cuda.device_count() and not D.under_launcher():
         raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    if device == "cpu" and cfg.grad_compression == "bf16":
+        raise click.BadParameter("bf16 compression needs NCCL (a GPU run); gloo has no bf16 all-reduce hook",
+                                 param_hint="--grad-compression")
     world = (int(os.environ["WORLD_SIZE"]) if D.under_launcher()
              else D.local_world_size(device, cfg.gpus, cfg.nproc))
     if cfg.batch_size % world:
