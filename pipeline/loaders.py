@@ -172,7 +172,7 @@ class DaliLoader:
         self._patched: dict[str, Path] = {}     # tar path -> patched .idx (on_corrupt="skip")
         self._patch_dir: tempfile.TemporaryDirectory | None = None
         self._plan = EpochPlan.make(spec, shard_set, 0)
-        self.with_params = False                # tests: also yield the drawn crop/mirror/alpha
+        self.with_params = False                # tests: also yield sample names (and train's drawn params)
 
     # -- the Loader contract ------------------------------------------------------------------
     @property
@@ -265,10 +265,10 @@ class DaliLoader:
             x, y = x.index_select(0, index_t), y.index_select(0, index_t)
         elif keep < len(y):
             x, y = x[:keep], y[:keep]
-        if self.with_params:
-            params = tuple(np.stack([np.asarray(t.at(i)) for i in range(keep)]) for t in outputs[3:])
-            names = [_source_name(sources.at(i)) for i in range(keep)]
-            return x, y, names, params
+        if self.with_params:               # tests: "<tar>:<key>" and (crop_x, crop_y, mirror, alpha) per row
+            rows = rows if rows is not None else range(keep)
+            params = tuple(np.stack([np.asarray(t.at(i)) for i in rows]) for t in outputs[3:])
+            return x, y, [_source_name(sources.at(i)) for i in rows], params
         return x, y
 
     # -- corrupt samples ----------------------------------------------------------------------
