@@ -1,0 +1,148 @@
+"""`alexnet-fast profile`: img/s of each stage, which one bounds the run, and the scaling model.
+
+    alexnet-fast profile --data shards/imagenet [--device cuda|cpu] [--batch-size N] [--json F] [--plot F]
+    alexnet-fast profile --data shards/imagenet --scaling --link-gbps 400
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from alexnet_fast.model.alexnet import ARCH_NAMES
+from alexnet_fast.tools.cli import UserError
+
+# Small on CPU so the whole profile finishes in a few minutes on 2 cores; GPU sizes give the
+# device enough steps to reach steady state (cuDNN autotuning happens in the warm-up).
+CPU_DEFAULTS = {"batch_size": 16, "warmup": 1, "repeats": 3, "steps": 2, "workers": 2}
+GPU_DEFAULTS = {"batch_size": 256, "warmup": 10, "repeats": 5, "steps": 20, "workers": 8}
+
+
+def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None):
+    from alexnet_fast.tools.stage_profiler import Stage
+
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return tuple(Stage(n) for n in names)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(s.value for s in Stage)}") from None
+
+
+@click.command("profile")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="shard set directory (without it only the model stage runs)")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--arch", type=click.Choice(ARCH_NAMES), default="alexnet-owt", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto = bf16 on GPU, fp32 on CPU")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="per-GPU batch [default: 256 GPU, 16 CPU]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="batches per timed repetition [20 GPU, 2 CPU]")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="timed repetitions, median reported [5 GPU, 3 CPU]")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="untimed steps first [10 GPU, 1 CPU]")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="loader threads [8 GPU, 2 CPU]")
+@click.option("--stages", callback=_parse_stages, default=None,
+              help="comma-separated subset of read,decode,baseline_decode,model,end_to_end [default: all]")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write the report as JSON here")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write a PNG bar chart of img/s per stage here")
+@click.option("--scaling", is_flag=True, help="also predict multi-GPU img/s from the measured model step")
+@click.option("--link-gbps", type=click.FloatRange(min=0, min_open=True), default=400.0, show_default=True,
+              help="scaling: per-GPU all-reduce bandwidth in Gbit/s (400 = one InfiniBand NDR port per GPU)")
+@click.option("--overlap", type=click.FloatRange(0, 1), default=None,
+              help="scaling: fraction of the step's compute that hides the all-reduce [2/3: the backward pass]")
+@click.option("--hop-latency-us", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="scaling: latency per ring step")
+@click.option("--assume-img-per-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="scaling what-if: take this per-GPU model img/s at --batch-size instead of measuring it")
+@click.option("--scaling-batch-factor", type=click.IntRange(min=2), default=4, show_default=True,
+              help="scaling: the 'larger per-GPU batch' rows use this multiple of --batch-size")
+def profile_command(data, device, arch, precision, batch_size, steps, repeats, warmup, workers, stages,
+                    json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s, scaling_batch_factor):
+    """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
+    one bounds the run: warm-up, timed repetitions, median."""
+    import torch
+
+    from alexnet_fast.pipeline.shardset import ShardSetError
+    from alexnet_fast.tools import scaling as sc
+    from alexnet_fast.tools.stage_profiler import (ALL_STAGES, DATA_STAGES, ProfileConfig, ProfileError, Stage,
+                                                   format_table, profile, write_plot)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch")
+    defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    if assume_img_per_s is not None and not scaling:
+        raise click.BadParameter("only means something with --scaling", param_hint="--assume-img-per-s")
+    if stages is None:
+        stages = ALL_STAGES if data is not None else () if assume_img_per_s else (Stage.MODEL,)
+    if scaling and assume_img_per_s is None and Stage.MODEL not in stages:
+        raise click.BadParameter("--scaling needs the model stage (or --assume-img-per-s)", param_hint="--stages")
+    for path in (json_path, plot_path):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    cfg = ProfileConfig(
+        data=data, device=device, stages=tuple(s for s in ALL_STAGES if s in stages), arch=arch, precision=precision,
+        batch_size=batch_size or defaults["batch_size"], warmup=defaults["warmup"] if warmup is None else warmup,
+        repeats=repeats or defaults["repeats"], steps=steps or defaults["steps"], workers=workers or defaults["workers"],
+    )
+    if data is None and set(cfg.stages) & DATA_STAGES:
+        raise click.BadParameter("stages other than model need a shard set", param_hint="--data")
+
+    log = lambda msg: click.echo(f"profile: {msg}", err=True)  # noqa: E731
+    try:
+        report = profile(cfg, log=log).as_dict()
+    except (ShardSetError, ProfileError) as e:
+        raise UserError(str(e)) from None
+    if report["stages"]:
+        click.echo(format_table(report))
+
+    if scaling:
+        inputs, source = _scaling_inputs(report, cfg, assume_img_per_s, link_gbps, hop_latency_us,
+                                         sc.DEFAULT_OVERLAP if overlap is None else overlap)
+        report["scaling"] = sc.scaling_report(inputs, sc.default_strategies(scaling_batch_factor), source=source)
+        click.echo(sc.format_scaling(report["scaling"]))
+
+    if json_path is not None:
+        json_path.write_text(json.dumps(_finite(report), indent=2) + "\n")
+        click.echo(f"profile: wrote {json_path}")
+    if plot_path is not None:
+        write_plot(report, plot_path)
+        click.echo(f"profile: wrote {plot_path}")
+
+
+def _scaling_inputs(report: dict, cfg, assume_img_per_s: float | None, link_gbps: float, hop_latency_us: float,
+                    overlap: float):
+    """(the scaling model's inputs, where its step time came from): the measured model stage, or
+    the what-if img/s the user gave."""
+    from alexnet_fast.model.alexnet import build_model, count_parameters
+    from alexnet_fast.tools.scaling import ScalingInputs
+
+    if assume_img_per_s is not None:
+        step_seconds, batch = cfg.batch_size / assume_img_per_s, cfg.batch_size
+        params = count_parameters(build_model(cfg.arch, cfg.num_classes))
+        source = f"an assumed {assume_img_per_s:g} img/s per GPU (--assume-img-per-s), not a measurement"
+    else:
+        model = report["stages"]["model"]
+        step_seconds, batch, params = model["step_ms"] / 1e3, model["batch_size"], model["params"]
+        source = f"the model stage measured on {report['device']}"
+    decode = report["stages"].get("decode", {}).get("img_per_s")
+    inputs = ScalingInputs(step_seconds=step_seconds, batch=batch, params=params, link_gbps=link_gbps,
+                           overlap=overlap, hop_latency_us=hop_latency_us, loader_img_per_s=decode)
+    return inputs, source
+
+
+def _finite(value):
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,158 @@
+"""The analytic data-parallel scaling model behind `alexnet-fast profile --scaling` (see docs/scaling.md).
+
+From one measured number — the per-GPU training step time at a per-GPU batch — and the gradient
+size, predict the img/s of N GPUs under DDP with a ring all-reduce:
+
+    comm(N)  = 2 (N-1)/N * grad_bytes / link_bytes_per_s  +  2 (N-1) * hop_latency
+    hidden   = overlap * compute          # the all-reduce runs under the backward pass
+    step(N)  = compute - hidden + max(hidden, comm(N))
+    img/s(N) = N * per_gpu_batch / step(N)         (capped per GPU by the loader, when measured)
+
+AlexNet is the worst case for this: its FC layers hold ~58M of ~61M parameters, so each step moves
+~244 MB of fp32 gradients for only ~4 GFLOP of compute per image. Two levers: bf16 gradient
+compression (DDP comm hook: half the bytes) and a larger per-GPU batch (the same bytes per step,
+spread over more images).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+DEFAULT_GPU_COUNTS = (1, 2, 8, 64, 512)
+DEFAULT_OVERLAP = 2 / 3   # backward ~ 2x forward FLOPs: the all-reduce can hide under 2/3 of a step
+
+
+@dataclass(frozen=True)
+class ScalingInputs:
+    step_seconds: float                    # measured per-GPU step time (forward+backward+update)
+    batch: int                             # the per-GPU batch that step time was measured at
+    params: int                            # parameters whose gradients are all-reduced
+    link_gbps: float                       # per-GPU all-reduce bandwidth, Gbit/s (math.inf: comm is free)
+    overlap: float = DEFAULT_OVERLAP       # fraction of compute that can hide communication
+    hop_latency_us: float = 0.0            # per ring step; 0 = the bandwidth term alone (optimistic)
+    loader_img_per_s: float | None = None  # per-GPU loader ceiling (the decode stage), if measured
+
+    def __post_init__(self) -> None:
+        if not (self.step_seconds > 0 and self.batch > 0 and self.params > 0 and self.link_gbps > 0):
+            raise ValueError("step time, batch, parameter count and link bandwidth must be positive")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"overlap must be in [0, 1], got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to run data parallel: the bytes per gradient element on the wire and the batch."""
+    name: str
+    grad_bytes_per_param: int     # 4: fp32 all-reduce; 2: bf16 compression hook
+    batch_factor: int = 1         # per-GPU batch = measured batch * batch_factor
+
+    @property
+    def label(self) -> str:
+        wire = {4: "fp32", 2: "bf16"}.get(self.grad_bytes_per_param, f"{self.grad_bytes_per_param}B")
+        return f"ddp {wire}" + (f" batch x{self.batch_factor}" if self.batch_factor != 1 else "")
+
+
+def default_strategies(batch_factor: int = 4) -> tuple[Strategy, ...]:
+    return (
+        Strategy("ddp_fp32", 4),
+        Strategy("ddp_bf16", 2),
+        Strategy(f"ddp_fp32_batch_x{batch_factor}", 4, batch_factor),
+        Strategy(f"ddp_bf16_batch_x{batch_factor}", 2, batch_factor),
+    )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    strategy: str
+    gpus: int
+    per_gpu_batch: int
+    compute_ms: float
+    comm_ms: float
+    step_ms: float
+    img_per_s: float              # all GPUs together
+    efficiency: float             # img_per_s / (gpus x the measured single-GPU img/s)
+    bound: str                    # "compute", "comm" or "loader"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ring_allreduce_seconds(nbytes: float, gpus: int, link_gbps: float, hop_latency_us: float = 0.0) -> float:
+    """Time of a ring all-reduce: each GPU sends and receives 2(N-1)/N of the buffer."""
+    if gpus <= 1:
+        return 0.0
+    bandwidth = 0.0 if math.isinf(link_gbps) else 2 * (gpus - 1) / gpus * nbytes / (link_gbps * 1e9 / 8)
+    return bandwidth + 2 * (gpus - 1) * hop_latency_us * 1e-6
+
+
+def predict(inputs: ScalingInputs, strategy: Strategy, gpus: int) -> Prediction:
+    batch = inputs.batch * strategy.batch_factor
+    # Assumption: compute per image is what was measured (a larger batch is never slower per image
+    # on a GPU, so this is conservative for the larger-batch rows).
+    compute = inputs.step_seconds * strategy.batch_factor
+    comm = ring_allreduce_seconds(inputs.params * strategy.grad_bytes_per_param, gpus,
+                                  inputs.link_gbps, inputs.hop_latency_us)
+    hidden = inputs.overlap * compute
+    step = compute - hidden + max(hidden, comm)
+    per_gpu = batch / step
+    bound = "comm" if comm > hidden else "compute"
+    if inputs.loader_img_per_s is not None and per_gpu > inputs.loader_img_per_s:
+        per_gpu, bound = inputs.loader_img_per_s, "loader"
+        step = batch / per_gpu
+    single = inputs.batch / inputs.step_seconds
+    return Prediction(strategy.name, gpus, batch, compute * 1e3, comm * 1e3, step * 1e3,
+                      gpus * per_gpu, gpus * per_gpu / (gpus * single), bound)
+
+
+def predict_table(inputs: ScalingInputs, strategies: tuple[Strategy, ...] = default_strategies(),
+                  gpu_counts: tuple[int, ...] = DEFAULT_GPU_COUNTS) -> list[Prediction]:
+    return [predict(inputs, s, n) for n in gpu_counts for s in strategies]
+
+
+def scaling_report(inputs: ScalingInputs, strategies: tuple[Strategy, ...] = default_strategies(),
+                   gpu_counts: tuple[int, ...] = DEFAULT_GPU_COUNTS, source: str = "") -> dict:
+    """The JSON section: where the step time came from, inputs, assumptions, one row per (GPUs, strategy)."""
+    return {
+        "source": source,
+        "inputs": {**asdict(inputs), "grad_mb_fp32": inputs.params * 4 / 1e6,
+                   "single_gpu_img_per_s": inputs.batch / inputs.step_seconds},
+        "assumptions": ASSUMPTIONS,
+        "strategies": {s.name: s.label for s in strategies},
+        "predictions": [p.as_dict() for p in predict_table(inputs, strategies, gpu_counts)],
+    }
+
+
+ASSUMPTIONS = [
+    "ring all-reduce of all gradients every step: 2(N-1)/N x bytes over a per-GPU link of link_gbps",
+    "hop latency is hop_latency_us per ring step (default 0: the bandwidth term alone, optimistic at 512 GPUs)",
+    "the all-reduce overlaps the backward pass: it hides under `overlap` of the step's compute",
+    "compute per image stays what was measured on one GPU (no gain from a larger batch: conservative)",
+    "bf16 compression halves the bytes; the casts cost nothing (they are tiny elementwise kernels)",
+    "the loader ceiling, when given, is the measured per-GPU decode img/s (each GPU decodes its own shards)",
+]
+
+
+def format_scaling(report: dict) -> str:
+    """A readable table: GPUs down, strategies across, total img/s and scaling efficiency."""
+    inputs = report["inputs"]
+    names = list(report["strategies"])
+    rows: dict[int, dict[str, dict]] = {}
+    for p in report["predictions"]:
+        rows.setdefault(p["gpus"], {})[p["strategy"]] = p
+    link = "free (inf)" if math.isinf(inputs["link_gbps"]) else f"{inputs['link_gbps']:g} Gbit/s"
+    lines = [
+        f"scaling prediction (a model, not a measurement) from {report['source'] or 'the given step time'}:",
+        f"  per-GPU step {inputs['step_seconds'] * 1e3:.1f} ms at batch {inputs['batch']} "
+        f"= {inputs['single_gpu_img_per_s']:,.0f} img/s; "
+        f"{inputs['params'] / 1e6:.1f}M params = {inputs['grad_mb_fp32']:.0f} MB fp32 gradients; "
+        f"link {link}; overlap {inputs['overlap']:.0%}",
+        f"{'gpus':>5}  " + "  ".join(f"{report['strategies'][n]:>26}" for n in names),
+    ]
+    for gpus, by_name in rows.items():
+        cells = []
+        for n in names:
+            p = by_name[n]
+            cells.append(f"{p['img_per_s']:>13,.0f} ({p['efficiency']:>4.0%} {p['bound']:<7})")
+        lines.append(f"{gpus:>5}  " + "  ".join(f"{c:>26}" for c in cells))
+    lines.append("(img/s of all GPUs; % = of linear scaling; bound = what limits the step)")
+    return "\n".join(lines)
