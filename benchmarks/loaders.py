@@ -1,0 +1,86 @@
+"""Images/s of the DALI train pipeline vs the baseline loader (webdataset + PIL + DataLoader) on the
+same shards, same batch size, same CPU count, measured in one run with warm-up excluded.
+
+    python benchmarks/loaders.py --data SHARDS [--device cpu|cuda] [--json FILE]
+
+Prints both rates and their ratio; --json writes
+{"device", "batch_size", "workers", "dali": {"img_per_s"}, "baseline": {"img_per_s"}, "ratio"}.
+Both loaders do the whole train path: read, decode, random crop + flip + PCA lighting + normalize,
+batches on the device. Epochs roll over (set_epoch) when the measured batches outrun one epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import click
+
+
+def measure(spec, batches: int, warmup: int) -> dict:
+    """img/s over `batches` batches after `warmup` ones (pipeline build and first fills excluded)."""
+    import torch
+
+    from alexnet_fast.pipeline.loaders import make_loader
+
+    loader = make_loader(spec)
+    sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
+    images, epoch, start, seen = 0, 0, None, 0
+    while seen < warmup + batches:
+        loader.set_epoch(epoch)
+        for x, _y in loader:
+            seen += 1
+            if seen == warmup:
+                sync()
+                start = time.perf_counter()
+            elif seen > warmup:
+                images += x.shape[0]
+            if seen == warmup + batches:
+                break
+        epoch += 1
+    sync()
+    seconds = time.perf_counter() - start
+    return {"img_per_s": images / seconds, "images": images, "seconds": seconds, "epochs_touched": epoch}
+
+
+@click.command()
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="shard set directory")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="DALI threads = DataLoader workers [default: CPU count]")
+@click.option("--batches", type=int, default=30, show_default=True, help="measured batches per loader")
+@click.option("--warmup", type=int, default=5, show_default=True, help="batches not measured")
+def main(data, device, json_path, batch_size, workers, batches, warmup):
+    from alexnet_fast.pipeline.loaders import LoaderSpec
+    from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
+
+    try:
+        ShardSet.open(data).stats()
+    except ShardSetError as e:
+        raise click.UsageError(str(e)) from None
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: no CUDA GPU is visible")
+    workers = workers or len(os.sched_getaffinity(0))
+    spec = LoaderSpec(data=data, split="train", batch_size=batch_size, device=device, workers=workers)
+    results = {"device": device, "batch_size": batch_size, "workers": workers,
+               "cpu_count": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0]}
+    for kind in ("dali", "baseline"):
+        results[kind] = measure(replace(spec, kind=kind), batches, warmup)
+        print(f"{kind:>8}: {results[kind]['img_per_s']:8.1f} img/s  ({results[kind]['images']} images "
+              f"in {results[kind]['seconds']:.2f} s)", flush=True)
+    results["ratio"] = results["dali"]["img_per_s"] / results["baseline"]["img_per_s"]
+    results["load_avg_1m_after"] = os.getloadavg()[0]
+    print(f"   ratio: {results['ratio']:.2f}x DALI/baseline  (batch {batch_size}, {workers} threads/workers, "
+          f"{device}; load average {results['load_avg_1m']:.1f} -> {results['load_avg_1m_after']:.1f})")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
