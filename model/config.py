@@ -90,8 +90,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise click.BadParameter naming the flag for values no run can use."""
-        positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc"]
-        non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "workers", "warmup_epochs",
+        positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc", "workers"]
+        non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "warmup_epochs",
                         "plateau_patience", "max_lr_drops", "weight_decay", "momentum", "lighting_std"]
         for name in positive:
             if getattr(self, name) <= 0:

@@ -251,8 +251,11 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
         dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
         on_corrupt=cfg.on_corrupt,
     )
-    train = make_loader(LoaderSpec(split="train", lighting_std=cfg.lighting_std, **common))
-    val = make_loader(LoaderSpec(split="val", **common)) if ShardSet.open(cfg.data).has_split("val") else None
+    try:
+        train = make_loader(LoaderSpec(split="train", lighting_std=cfg.lighting_std, **common))
+        val = make_loader(LoaderSpec(split="val", **common)) if ShardSet.open(cfg.data).has_split("val") else None
+    except ValueError as e:     # the loader's one-line complaints about the spec or the shard set
+        raise TrainingError(str(e)) from None
     return train, val
 
 
@@ -380,21 +383,32 @@ def run_training(cfg: TrainConfig) -> dict:
     workers = D.local_world_size(device, cfg.gpus, cfg.nproc)
     if workers <= 1:
         return train_worker(cfg)
-    return D.launch(train_worker, workers, (cfg,))[0]
+    return D.launch(launched_worker, workers, (cfg,))[0]
+
+
+def launched_worker(cfg: TrainConfig) -> dict:
+    """train_worker in a process our own launcher spawned. After a stop by signal the launcher is
+    shutting down and waits for the workers to exit, not for their return values (the normal
+    hand-back would block until its 30 s kill timeout): so, checkpoint written, leave at once."""
+    result = train_worker(cfg)
+    if result.get("outcome") == Outcome.STOPPED.value:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return result
 
 
 def train_worker(cfg: TrainConfig) -> dict:
     """Entry point of every rank. Errors the user can act on come back as {"error": one line}
     instead of a traceback (the launcher would print the worker's traceback otherwise)."""
+    from alexnet_fast.pipeline.loaders import CorruptSampleError
     from alexnet_fast.pipeline.shardset import ShardSetError
 
     ctx = D.setup(D.resolve_device(cfg.device))
     try:
         return _train(cfg, ctx)
-    except (TrainingError, ShardSetError, ckpt.CheckpointError) as e:
-        if ctx.is_main:
-            print(f"alexnet-fast train: error: {e}", file=sys.stderr, flush=True)
-        return {"outcome": "failed", "error": str(e)}
+    except (TrainingError, ShardSetError, ckpt.CheckpointError, CorruptSampleError) as e:
+        return {"outcome": "failed", "error": str(e)}     # the command prints it (rank 0)
     finally:
         D.teardown()
 
