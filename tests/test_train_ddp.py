@@ -39,7 +39,15 @@ WORKER = textwrap.dedent('''
     half = slice(2 * ctx.rank, 2 * ctx.rank + 2)
     result = train_one_epoch(engine, [(x[half], y[half]) for x, y in batches], TrainState(),
                              world_size=ctx.world_size, log_every=1)
-    torch.save({"state": model.state_dict(), "losses": result.losses}, f"{out}/rank{ctx.rank}.pt")
+    # evaluation over the real val split, each rank reading its own part (batch 3: ragged last batch)
+    from alexnet_fast.model.evaluate import evaluate
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+    val = make_loader(LoaderSpec(data=sys.argv[3], split="val", batch_size=3, rank=ctx.rank, world_size=2,
+                                 workers=1))
+    metrics = evaluate(model, val)                          # all-reduced over both ranks
+    seen = [int(label) for _, labels in val for label in labels]
+    torch.save({"state": model.state_dict(), "losses": result.losses, "eval": metrics.as_dict(),
+                "labels": seen, "num_samples": val.num_samples}, f"{out}/rank{ctx.rank}.pt")
     D.teardown()
 ''')
 
@@ -59,12 +67,12 @@ def _single_process_run():
     return model.state_dict(), result.losses
 
 
-def _torchrun(tmp_path, compression: str = "none") -> list[dict]:
+def _torchrun(tmp_path, shards, compression: str = "none") -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(tmp_path), compression],
+         str(script), str(tmp_path), compression, str(shards)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -75,8 +83,14 @@ def single_run():
     return _single_process_run()
 
 
-def test_two_rank_ddp_matches_one_process_with_the_doubled_batch(tmp_path, single_run):
-    rank0, rank1 = _torchrun(tmp_path, "none")
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, shard_set):
+    """rank 0's and rank 1's saved results of one torchrun."""
+    return _torchrun(tmp_path_factory.mktemp("ddp"), shard_set)
+
+
+def test_two_rank_ddp_matches_one_process_with_the_doubled_batch(two_rank_run, single_run):
+    rank0, rank1 = two_rank_run
     for key in rank0["state"]:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), f"replicas differ in {key}"
     assert rank0["losses"] == rank1["losses"]          # logged losses are all-reduced means
@@ -96,3 +110,23 @@ def _initial_state() -> dict:
 
     seed_everything(0)
     return build_model("alexnet-owt", 4, dropout=0.0).state_dict()
+
+
+def test_two_rank_evaluation_counts_every_val_image_once(two_rank_run, shard_set):
+    """Each rank evaluates its own part of the val split; the all-reduced counts must equal one
+    process evaluating the same weights over the whole split."""
+    from alexnet_fast.model.alexnet import build_model
+    from alexnet_fast.model.evaluate import evaluate
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+    from alexnet_fast.pipeline.shardset import ShardSet
+
+    rank0, rank1 = two_rank_run
+    total = ShardSet.open(shard_set).num_samples("val")
+    assert rank0["num_samples"] + rank1["num_samples"] == total == 16
+    assert rank0["eval"] == rank1["eval"] and rank0["eval"]["images"] == total
+    whole = make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=5, workers=1))
+    all_labels = [int(label) for _, labels in whole for label in labels]
+    assert sorted(rank0["labels"] + rank1["labels"]) == sorted(all_labels)
+    model = build_model("alexnet-owt", 4, dropout=0.0)
+    model.load_state_dict(rank0["state"])
+    assert evaluate(model, whole).as_dict() == rank0["eval"]

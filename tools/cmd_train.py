@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -153,10 +154,20 @@ def evaluate_checkpoint(data: str, checkpoint_path: str, *, ten_crop: bool = Fal
 # --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoSize:
+    classes: int
+    train_per_class: int
+    val_per_class: int
+    epochs: int
+    batch_size: int
+    lr: float
+
+
 # Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
 # procedural images, a few minutes of training, well under the 10-minute budget end to end.
-DEMO_CPU = dict(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.02)
-DEMO_GPU = dict(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
+DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.02)
+DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
 
 
 @click.command("demo", context_settings=CONTEXT)
@@ -180,25 +191,25 @@ def demo_command(out_dir: str | None, device: str, loader: str) -> None:
         run_demo(Path(out_dir), device, loader)
 
 
-def run_demo(root: Path, device: str, loader: str) -> dict:
+def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None) -> dict:
     from alexnet_fast.tools.sample_data import SampleSpec, write_raw_imagenet
     from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
 
-    size = DEMO_GPU if device == "cuda" else DEMO_CPU
+    size = size or (DEMO_GPU if device == "cuda" else DEMO_CPU)
     started = time.perf_counter()
     raw, shards_dir, run_dir = root / "raw", root / "shards", root / "run"
-    click.echo(f"[1/4] writing the procedural sample: {size['classes']} classes, "
-               f"{size['train_per_class']} train + {size['val_per_class']} val images each -> {raw}")
+    click.echo(f"[1/4] writing the procedural sample: {size.classes} classes, "
+               f"{size.train_per_class} train + {size.val_per_class} val images each -> {raw}")
     if not raw.exists():
-        write_raw_imagenet(raw, SampleSpec(classes=size["classes"], train_per_class=size["train_per_class"],
-                                           val_per_class=size["val_per_class"], odd_files=False))
+        write_raw_imagenet(raw, SampleSpec(classes=size.classes, train_per_class=size.train_per_class,
+                                           val_per_class=size.val_per_class, odd_files=False))
     click.echo(f"[2/4] sharding -> {shards_dir}")
     report = make_shards(raw, shards_dir, ShardOptions(per_shard=200), workers=default_workers(),
                          progress=True, log=lambda msg: click.echo(f"      {msg}"))
     click.echo(f"      {report.summary()}")
     cfg = resolve_config("fast", None, dict(
-        data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", epochs=size["epochs"],
-        batch_size=size["batch_size"], lr=size["lr"], scale_lr=False, warmup_epochs=1.0,
+        data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", epochs=size.epochs,
+        batch_size=size.batch_size, lr=size.lr, scale_lr=False, warmup_epochs=1.0,
         device=device, loader=loader, workers=2, log_every=5, resume=True))
     click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on {device}")
     train_started = time.perf_counter()
@@ -208,7 +219,7 @@ def run_demo(root: Path, device: str, loader: str) -> dict:
     val = evaluate_checkpoint(str(shards_dir), str(run_dir / "best.pt"), batch_size=64, device=device,
                               loader=loader, workers=2)
     throughput = _mean_train_throughput(run_dir / "metrics.jsonl")
-    chance = 1.0 / size["classes"]
+    chance = 1.0 / size.classes
     click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
                f"(chance {chance:.0%}), top-5 {val.top5:.1%} over {val.images} images; "
                f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,104 @@
+"""Real `alexnet-fast train` processes on the shard_set fixture, killed and resumed.
+
+- SIGKILL mid-epoch, then --resume: the run continues from the last checkpoint and its later losses
+  and final weights equal an uninterrupted run's exactly (fixed seed, CPU, dropout ON: the RNG
+  states in the checkpoint make the dropout masks replay; the loader replays the epoch's order and
+  augmentation from (seed, epoch) and skips the batches already trained on).
+- SIGTERM to a 2-process (self-launched, gloo) run: a checkpoint is written and it exits 0 within
+  seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TRAIN = [sys.executable, "-m", "alexnet_fast.tools.cli", "train"]
+SMALL = ["--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1", "--seed", "3",
+         "--log-every", "1", "--lr", "0.005"]
+
+
+def _env() -> dict:
+    # the same thread count in every run keeps float reductions in the same order
+    return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "val_top1" not in r]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in records if "val_top1" not in r}
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+                                    if line.endswith("}")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} never logged")
+
+
+def test_resume_after_sigkill_replays_the_uninterrupted_run(shard_set, tmp_path):
+    flags = ["--data", str(shard_set), *SMALL, "--max-steps", "5", "--ckpt-every", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run([*TRAIN, *flags, "--out", str(straight)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    proc = subprocess.Popen([*TRAIN, *flags, "--out", str(killed)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(killed, 3, proc)        # step 3 logged => the step-2 checkpoint is on disk
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] in (2, 4) and saved["step_in_epoch"] == saved["step"]
+
+    resumed = subprocess.run([*TRAIN, *flags, "--out", str(killed), "--resume"], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {killed / 'last.pt'}: epoch 0, step {saved['step']}" in resumed.stdout
+
+    expected, got = _losses(straight), _losses(killed)
+    assert sorted(got) == [1, 2, 3, 4, 5]      # steps re-run after the kill are logged once
+    assert [got[s] for s in range(saved["step"] + 1, 6)] == [expected[s] for s in range(saved["step"] + 1, 6)]
+    final_a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
+    final_b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert final_a["step"] == final_b["step"] == 5
+    for key, value in final_a["model"].items():
+        assert torch.equal(value, final_b["model"][key]), key
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TRAIN, "--data", str(shard_set), *SMALL, "--nproc", "2", "--batch-size", "8",
+                             "--epochs", "3", "--out", str(run)],
+                            env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(run, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - signalled
+    assert proc.returncode == 0, err[-2000:]
+    assert took < 20, f"took {took:.1f} s to stop"
+    assert "stopped by SIGTERM" in out
+    assert "Traceback" not in err
+    saved = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] >= 2 and saved["epoch"] == 0 and len(saved["rng"]) == 2
