@@ -13,8 +13,8 @@ from PIL import Image
 
 from alexnet_fast.tools.cli import run_command
 from alexnet_fast.tools.cmd_profile import profile_command
-from alexnet_fast.tools.scaling import (ScalingInputs, Strategy, default_strategies, predict, predict_table,
-                                        ring_allreduce_seconds)
+from alexnet_fast.tools.scaling import (ScalingInputs, Strategy, ddp_buckets, default_strategies, predict,
+                                        predict_table, ring_allreduce_seconds)
 from alexnet_fast.tools.stage_profiler import layer_flops, train_flops_per_image
 
 STAGES = ["read", "decode", "baseline_decode", "model", "end_to_end"]
@@ -170,7 +170,10 @@ def test_ring_allreduce_arithmetic():
     assert ring_allreduce_seconds(nbytes, 512, 400) == pytest.approx(2 * 511 / 512 * nbytes / 50e9)
     assert ring_allreduce_seconds(nbytes, 8, 400, hop_latency_us=5) == pytest.approx(
         2 * 7 / 8 * nbytes / 50e9 + 14 * 5e-6)
+    assert ring_allreduce_seconds(nbytes, 8, 400, hop_latency_us=5, messages=10) == pytest.approx(
+        2 * 7 / 8 * nbytes / 50e9 + 10 * 14 * 5e-6)
     assert ring_allreduce_seconds(nbytes, 64, math.inf) == 0
+    assert ddp_buckets(ALEXNET_PARAMS) == 10   # 244 MB of fp32 gradients in 25 MiB buckets
 
 
 @pytest.mark.parametrize("link", [10, 100, 400, 3200])
@@ -221,8 +224,9 @@ def test_comm_bound_numbers_and_overlap():
 def test_loader_ceiling_and_latency():
     capped = predict(_inputs(loader_img_per_s=10_000), Strategy("bf16", 2, 4), 8)
     assert capped.bound == "loader" and capped.img_per_s == pytest.approx(8 * 10_000)
-    slow = predict(_inputs(hop_latency_us=50), Strategy("fp32", 4), 512)
-    assert slow.comm_ms > predict(_inputs(), Strategy("fp32", 4), 512).comm_ms + 50
+    slow = predict(_inputs(hop_latency_us=5), Strategy("fp32", 4), 512)
+    latency_ms = 10 * 2 * 511 * 5e-3   # 10 buckets x 2(N-1) hops x 5 us
+    assert slow.comm_ms == pytest.approx(predict(_inputs(), Strategy("fp32", 4), 512).comm_ms + latency_ms)
 
 
 def test_bad_inputs_are_refused():

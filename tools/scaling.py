@@ -3,7 +3,7 @@
 From one measured number — the per-GPU training step time at a per-GPU batch — and the gradient
 size, predict the img/s of N GPUs under DDP with a ring all-reduce:
 
-    comm(N)  = 2 (N-1)/N * grad_bytes / link_bytes_per_s  +  2 (N-1) * hop_latency
+    comm(N)  = 2 (N-1)/N * grad_bytes / link_bytes_per_s  +  buckets * 2 (N-1) * hop_latency
     hidden   = overlap * compute          # the all-reduce runs under the backward pass
     step(N)  = compute - hidden + max(hidden, comm(N))
     img/s(N) = N * per_gpu_batch / step(N)         (capped per GPU by the loader, when measured)
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 DEFAULT_GPU_COUNTS = (1, 2, 8, 64, 512)
 DEFAULT_OVERLAP = 2 / 3   # backward ~ 2x forward FLOPs: the all-reduce can hide under 2/3 of a step
+DDP_BUCKET_BYTES = 25 * 1024 * 1024   # DDP's bucket_cap_mb=25 (of fp32 gradients): one all-reduce each
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,20 @@ class Prediction:
         return asdict(self)
 
 
-def ring_allreduce_seconds(nbytes: float, gpus: int, link_gbps: float, hop_latency_us: float = 0.0) -> float:
-    """Time of a ring all-reduce: each GPU sends and receives 2(N-1)/N of the buffer."""
+def ring_allreduce_seconds(nbytes: float, gpus: int, link_gbps: float, hop_latency_us: float = 0.0,
+                           messages: int = 1) -> float:
+    """Time to ring-all-reduce `nbytes` split over `messages` all-reduces: each GPU sends and
+    receives 2(N-1)/N of the bytes, and each all-reduce pays 2(N-1) hop latencies."""
     if gpus <= 1:
         return 0.0
     bandwidth = 0.0 if math.isinf(link_gbps) else 2 * (gpus - 1) / gpus * nbytes / (link_gbps * 1e9 / 8)
-    return bandwidth + 2 * (gpus - 1) * hop_latency_us * 1e-6
+    return bandwidth + messages * 2 * (gpus - 1) * hop_latency_us * 1e-6
+
+
+def ddp_buckets(params: int) -> int:
+    """All-reduces per step: DDP packs fp32 gradients into ~25 MB buckets (the bf16 hook compresses
+    each bucket, so the count is the same)."""
+    return max(1, math.ceil(params * 4 / DDP_BUCKET_BYTES))
 
 
 def predict(inputs: ScalingInputs, strategy: Strategy, gpus: int) -> Prediction:
@@ -91,7 +100,7 @@ def predict(inputs: ScalingInputs, strategy: Strategy, gpus: int) -> Prediction:
     # on a GPU, so this is conservative for the larger-batch rows).
     compute = inputs.step_seconds * strategy.batch_factor
     comm = ring_allreduce_seconds(inputs.params * strategy.grad_bytes_per_param, gpus,
-                                  inputs.link_gbps, inputs.hop_latency_us)
+                                  inputs.link_gbps, inputs.hop_latency_us, ddp_buckets(inputs.params))
     hidden = inputs.overlap * compute
     step = compute - hidden + max(hidden, comm)
     per_gpu = batch / step
@@ -114,7 +123,7 @@ def scaling_report(inputs: ScalingInputs, strategies: tuple[Strategy, ...] = def
     """The JSON section: where the step time came from, inputs, assumptions, one row per (GPUs, strategy)."""
     return {
         "source": source,
-        "inputs": {**asdict(inputs), "grad_mb_fp32": inputs.params * 4 / 1e6,
+        "inputs": {**asdict(inputs), "grad_mb_fp32": inputs.params * 4 / 1e6, "ddp_buckets": ddp_buckets(inputs.params),
                    "single_gpu_img_per_s": inputs.batch / inputs.step_seconds},
         "assumptions": ASSUMPTIONS,
         "strategies": {s.name: s.label for s in strategies},
@@ -124,7 +133,8 @@ def scaling_report(inputs: ScalingInputs, strategies: tuple[Strategy, ...] = def
 
 ASSUMPTIONS = [
     "ring all-reduce of all gradients every step: 2(N-1)/N x bytes over a per-GPU link of link_gbps",
-    "hop latency is hop_latency_us per ring step (default 0: the bandwidth term alone, optimistic at 512 GPUs)",
+    "each of DDP's ~25 MB gradient buckets is one ring all-reduce paying 2(N-1) x hop_latency_us "
+    "(default 0: the bandwidth term alone, optimistic at 512 GPUs)",
     "the all-reduce overlaps the backward pass: it hides under `overlap` of the step's compute",
     "compute per image stays what was measured on one GPU (no gain from a larger batch: conservative)",
     "bf16 compression halves the bytes; the casts cost nothing (they are tiny elementwise kernels)",
