@@ -11,8 +11,10 @@ batches on the device. Epochs roll over (set_epoch) when the measured batches ou
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -20,12 +22,21 @@ from dataclasses import replace
 import click
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (DALI's threads included) and its finished children (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(spec, batches: int, warmup: int) -> dict:
-    """img/s over `batches` batches after `warmup` ones (pipeline build and first fills excluded)."""
+    """img/s over `batches` batches after `warmup` ones (pipeline build and first fills excluded),
+    and CPU-ms per image over the whole run (warm-up included): the rate a shared, loaded machine
+    cannot distort."""
     import torch
 
     from alexnet_fast.pipeline.loaders import make_loader
 
+    cpu_start = cpu_seconds()
     loader = make_loader(spec)
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     images, epoch, start, seen = 0, 0, None, 0
@@ -43,7 +54,11 @@ def measure(spec, batches: int, warmup: int) -> dict:
         epoch += 1
     sync()
     seconds = time.perf_counter() - start
-    return {"img_per_s": images / seconds, "images": images, "seconds": seconds, "epochs_touched": epoch}
+    del loader
+    gc.collect()                                   # DataLoader workers end, their CPU time is counted
+    cpu_ms = 1000 * (cpu_seconds() - cpu_start) / (seen * spec.batch_size)
+    return {"img_per_s": images / seconds, "images": images, "seconds": seconds, "epochs_touched": epoch,
+            "cpu_ms_per_img": cpu_ms}
 
 
 @click.command()
@@ -75,10 +90,12 @@ def main(data, device, json_path, batch_size, workers, batches, warmup, rounds):
         run = measure(replace(spec, kind=kind), batches, warmup)
         if kind not in results or run["img_per_s"] > results[kind]["img_per_s"]:
             results[kind] = run                       # best of the rounds: the least disturbed
-        print(f"{kind:>8}: {run['img_per_s']:8.1f} img/s  ({run['images']} images in {run['seconds']:.2f} s)", flush=True)
+        print(f"{kind:>8}: {run['img_per_s']:8.1f} img/s  ({run['images']} images in {run['seconds']:.2f} s; "
+              f"{run['cpu_ms_per_img']:.2f} CPU-ms/img)", flush=True)
     results["ratio"] = results["dali"]["img_per_s"] / results["baseline"]["img_per_s"]
+    results["cpu_ratio"] = results["baseline"]["cpu_ms_per_img"] / results["dali"]["cpu_ms_per_img"]
     results["load_avg_1m_after"] = os.getloadavg()[0]
-    print(f"   ratio: {results['ratio']:.2f}x DALI/baseline  (batch {batch_size}, {workers} threads/workers, "
+    print(f"   ratio: {results['ratio']:.2f}x DALI/baseline in img/s, {results['cpu_ratio']:.2f}x in CPU time per image  (batch {batch_size}, {workers} threads/workers, "
           f"{device}; load average {results['load_avg_1m']:.1f} -> {results['load_avg_1m_after']:.1f})")
     if json_path:
         with open(json_path, "w") as f:
