@@ -78,6 +78,11 @@ class ProfileConfig:
     def resolved_precision(self) -> str:
         return resolve_precision(self.precision, self.device)
 
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """What the loader hands the model (model.train.load_data's rule): bf16 images on a GPU in bf16."""
+        return torch.bfloat16 if self.device == "cuda" and self.resolved_precision == "bf16" else torch.float32
+
 
 @dataclass
 class StageResult:
@@ -199,11 +204,10 @@ def make_train_loader(cfg: ProfileConfig, kind: str):
     """The trainer's train loader for this config (same dtype/layout rules as model.train.load_data)."""
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 
-    on_gpu = cfg.device == "cuda"
     spec = LoaderSpec(
         data=str(cfg.data), split="train", kind=kind, batch_size=cfg.batch_size, device=cfg.device,
         device_id=cfg.torch_device.index or 0, workers=cfg.workers, channels_last=cfg.channels_last,
-        dtype=torch.bfloat16 if on_gpu and cfg.resolved_precision == "bf16" else torch.float32,
+        dtype=cfg.image_dtype,
     )
     try:
         return make_loader(spec)
@@ -317,7 +321,10 @@ def measure_model(cfg: ProfileConfig) -> StageResult:
     """Training steps on one synthetic batch already on the device: the compute ceiling."""
     engine = build_engine(cfg)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(cfg.batch_size, 3, CROP, CROP, generator=generator).to(cfg.torch_device)
+    # The loader's dtype and memory layout, so the step does exactly what it does in a real run.
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    images = (torch.randn(cfg.batch_size, 3, CROP, CROP, generator=generator)
+              .to(cfg.torch_device, cfg.image_dtype).contiguous(memory_format=memory_format))
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator).to(cfg.torch_device)
 
     def step() -> int:
