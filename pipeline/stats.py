@@ -53,25 +53,25 @@ class StatsError(Exception):
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_pixel_moments(image: np.ndarray, acc: np.ndarray) -> None:
-    """acc += [pixels, sum r, sum g, sum b, sum rr, rg, rb, gg, gb, bb] of a uint8 HxWx3 image (int64)."""
-    height, width = image.shape[0], image.shape[1]
+def _add_pixel_moments(rgb: np.ndarray, acc: np.ndarray) -> None:
+    """acc += [pixels, sum r, sum g, sum b, sum rr, rg, rb, gg, gb, bb] (int64) of flat interleaved
+    uint8 RGB (an HxWx3 image's `reshape(-1)`: one flat loop runs ~3.5x faster than a 3-D one)."""
+    n = rgb.shape[0] // 3
     s0 = s1 = s2 = p00 = p01 = p02 = p11 = p12 = p22 = 0
-    for y in range(height):
-        for x in range(width):
-            r = np.int64(image[y, x, 0])
-            g = np.int64(image[y, x, 1])
-            b = np.int64(image[y, x, 2])
-            s0 += r
-            s1 += g
-            s2 += b
-            p00 += r * r
-            p01 += r * g
-            p02 += r * b
-            p11 += g * g
-            p12 += g * b
-            p22 += b * b
-    acc[0] += height * width
+    for i in range(n):
+        r = np.int64(rgb[3 * i])
+        g = np.int64(rgb[3 * i + 1])
+        b = np.int64(rgb[3 * i + 2])
+        s0 += r
+        s1 += g
+        s2 += b
+        p00 += r * r
+        p01 += r * g
+        p02 += r * b
+        p11 += g * g
+        p12 += g * b
+        p22 += b * b
+    acc[0] += n
     acc[1] += s0
     acc[2] += s1
     acc[3] += s2
@@ -127,7 +127,7 @@ def _task_moments(task: _Task) -> tuple[int, list[int]]:
     images = 0
     wanted = None if task.members is None else frozenset(task.members)
     for name, data in iter_tar_images(task.tar, wanted):
-        _add_pixel_moments(decode_rgb(data, f"{task.tar.name}:{name}"), acc)
+        _add_pixel_moments(decode_rgb(data, f"{task.tar.name}:{name}").reshape(-1), acc)
         images += 1
     if task.members is not None and images != len(task.members):
         raise StatsError(f"{task.tar.name}: {len(task.members) - images} sampled image(s) vanished while reading")
@@ -193,7 +193,7 @@ def compute_stats(train_tars: list[Path], *, max_images: int | None = None, seed
     tasks = _make_tasks([Path(t) for t in train_tars], max_images, seed)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     # Compile once here; forked workers inherit the machine code.
-    _add_pixel_moments(np.zeros((1, 1, 3), np.uint8), np.zeros(_MOMENTS, np.int64))
+    _add_pixel_moments(np.zeros(3, np.uint8), np.zeros(_MOMENTS, np.int64))
 
     images, total = 0, [0] * _MOMENTS
     with _task_results(tasks, workers) as results:
