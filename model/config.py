@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from alexnet_fast.model.alexnet import ARCH_NAMES
+from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES
 
 # The paper's reference batch: lr values in the `fast` recipe are "per 128 images" and scale linearly
 # (Goyal et al. 2017) with the global batch.
@@ -43,6 +43,8 @@ class TrainConfig:
     out: str = _f("runs/alexnet", "run directory: checkpoints, config.json, metrics.jsonl")
     arch: str = _f("alexnet2012", "network", choices=ARCH_NAMES)
     num_classes: int = _f(0, "output classes; 0 = as many as the shard set has")
+    init: str = _f("default", "weights: the network's own (paper / torchvision) or He-normal with a zero head",
+                   choices=INIT_NAMES)
     # --- recipe
     recipe: str = _f("paper", "preset the other values start from", choices=tuple(r.value for r in Recipe))
     epochs: int = _f(90, "epochs to train")

@@ -442,7 +442,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     # --- model, optimizer, schedules (same seed on every rank: identical initial weights)
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, num_classes, cfg.dropout).to(ctx.device)
+    model = build_model(cfg.arch, num_classes, cfg.dropout, cfg.init).to(ctx.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)

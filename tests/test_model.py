@@ -138,12 +138,8 @@ def test_loss_falls_overfitting_a_small_batch(arch, lr):
     The output layer starts at zero (loss exactly log 4) so a momentum-SGD overshoot on a 4-image
     batch does not swamp the first steps; owt, without LRN, needs the smaller lr."""
     torch.manual_seed(0)
-    model = build_model(arch, 4, dropout=0.0)
-    for layer in model.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
-    nn.init.zeros_(model.classifier[-1].weight)
+    model = build_model(arch, 4, dropout=0.0, init="kaiming")
+    assert torch.all(model.classifier[-1].weight == 0)
     images = torch.randn(4, 3, 227, 227, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(4)
     cfg = TrainConfig(arch=arch, lr=lr, weight_decay=0.0)

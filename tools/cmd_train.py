@@ -166,7 +166,7 @@ class DemoSize:
 
 # Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
 # procedural images, a few minutes of training, well under the 10-minute budget end to end.
-DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.02)
+DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.01)
 DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
 
 
@@ -208,13 +208,16 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
                          progress=True, log=lambda msg: click.echo(f"      {msg}"))
     click.echo(f"      {report.summary()}")
     cfg = resolve_config("fast", None, dict(
-        data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", epochs=size.epochs,
+        data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", init="kaiming", epochs=size.epochs,
         batch_size=size.batch_size, lr=size.lr, scale_lr=False, warmup_epochs=1.0,
         device=device, loader=loader, workers=2, log_every=5, resume=True))
     click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on {device}")
     train_started = time.perf_counter()
     result = train(cfg)
     train_seconds = time.perf_counter() - train_started
+    if result.get("outcome") == "stopped":
+        click.echo(f"demo stopped; rerun `alexnet-fast demo --out {root}` to continue where it stopped")
+        return {"val": None, "img_per_s": 0.0, "outcome": "stopped"}
     click.echo("[4/4] evaluating best.pt on the val split")
     val = evaluate_checkpoint(str(shards_dir), str(run_dir / "best.pt"), batch_size=64, device=device,
                               loader=loader, workers=2)
