@@ -194,7 +194,7 @@ def config_options(command: typing.Callable) -> typing.Callable:
         meta = FIELDS[name].metadata
         want = FIELD_TYPES[name]
         default = FIELDS[name].default
-        help_text = f"{meta['help']} [recipe default: {default}]"
+        help_text = meta["help"] + _default_note(name, default)
         if want is bool:
             option = click.option(f"{_flag(name)}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
         elif "choices" in meta:
@@ -203,6 +203,14 @@ def config_options(command: typing.Callable) -> typing.Callable:
             option = click.option(_flag(name), name, type=want, default=None, help=help_text)
         command = option(command)
     return command
+
+
+def _default_note(name: str, default: Any) -> str:
+    """" [paper: 90, fast: 40]" where the recipes differ, " [default: x]" otherwise."""
+    per_recipe = {r.value: RECIPES[r].get(name, default) for r in Recipe}
+    if len(set(map(repr, per_recipe.values()))) > 1:
+        return " [" + ", ".join(f"{recipe}: {value}" for recipe, value in per_recipe.items()) + "]"
+    return f" [default: {default}]" if default != "" else ""
 
 
 def save_config(cfg: TrainConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -537,6 +537,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             val = run_eval() if (finished or state.epoch % cfg.eval_every == 0) else None
             record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
                       "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9)}
+            skipped = getattr(train_loader, "num_skipped", 0)
+            if skipped:     # --on-corrupt skip: say how many samples this rank left out so far
+                record["skipped_samples"] = skipped
             if val is not None:
                 record.update(val_top1=val.top1, val_top5=val.top5, val_images=val.images)
                 result["val"] = val.as_dict()
