@@ -112,7 +112,7 @@ def read_checkpoint(path: str | Path) -> dict:
         # weights_only=False: the checkpoint holds RNG states and the config (our own files only).
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, flipped bytes, not a torch file: all "unreadable"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__   # torch's first sentence
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged or truncated ({msg})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) \
             or state.get("format") != CHECKPOINT_FORMAT:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -455,7 +456,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     state = TrainState()
     resumed_at: int | None = None
     if cfg.resume and ckpt.has_checkpoint(run_dir):
-        saved, path = ckpt.load_checkpoint(run_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            saved, path = ckpt.load_checkpoint(run_dir)
+        for warning in caught:      # a damaged last.pt: one plain line, not a Python warning dump
+            if ctx.is_main:
+                print(f"alexnet-fast train: warning: {warning.message}", file=sys.stderr, flush=True)
         if saved["arch"] != cfg.arch or saved["num_classes"] != num_classes:
             raise TrainingError(f"{path} holds {saved['arch']} with {saved['num_classes']} classes, "
                                 f"not {cfg.arch} with {num_classes}")
