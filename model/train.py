@@ -213,8 +213,8 @@ def _raise_if_bad(first_bad_step: torch.Tensor) -> None:
         D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX)
     worst = int(flag.item())
     if worst:
-        raise TrainingError(f"loss became NaN/inf at step {big - worst}; stopping without saving "
-                            f"(the last checkpoint was written before it)")
+        raise TrainingError(f"loss became NaN/inf at step {big - worst}; stopped, and nothing from that "
+                            f"step on was saved (RUN/last.pt, if any, is older)")
 
 
 def _agree(requested: bool, device: torch.device) -> bool:
