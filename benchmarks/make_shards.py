@@ -8,6 +8,7 @@ mix (most about 500x375, a fifth 800-1200 px, a few 1600-2400 px). Baseline: for
 `Image.open -> convert("RGB") -> resize (shorter side 256, same filter) -> centre crop -> save`
 as a quality-90 JPEG file, one process. make_shards: the real end-to-end run (discovery,
 parallel conversion with draft(), tar + index writing, manifest; stats on 64 images).
+Both sides get an untimed warm-up run, then `--rounds` timed runs each; medians are compared.
 Target: ratio >= 2.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,22 +81,38 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
 @click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="make_shards processes [default: all cores]")
 @click.option("--seed", type=int, default=0)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="timed repetitions of each side; the median is reported")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-def main(images, classes, workers, seed, json_path):
+def main(images, classes, workers, seed, rounds, json_path):
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="bench_make_shards_") as tmp:
         tmp = Path(tmp)
         paths = write_inputs(tmp / "raw", images, classes, seed)
         megapixels = sum(np.prod(Image.open(p).size) for p in paths) / 1e6
-        baseline_s = baseline_loop(paths, tmp / "baseline")
-        shutil.rmtree(tmp / "baseline")
-        shards_s = run_make_shards(tmp / "raw", tmp / "out", workers)
+
+        def timed(side) -> float:
+            """Median seconds of `rounds` runs, each into a fresh directory."""
+            times = []
+            for r in range(rounds):
+                target = tmp / f"run{r}"
+                times.append(side(target))
+                shutil.rmtree(target)
+            return statistics.median(times)
+
+        # Warm-up, untimed: imports, Numba's compile/cache load and the page cache of the inputs
+        # would otherwise be charged to whichever side runs first.
+        baseline_loop(paths[:20], tmp / "warm_baseline")
+        run_make_shards(tmp / "raw", tmp / "warm_shards", workers)
+        baseline_s = timed(lambda target: baseline_loop(paths, target))
+        shards_s = timed(lambda target: run_make_shards(tmp / "raw", target, workers))
         # One worker as well: separates per-process efficiency (draft, crop-box resize) from the
         # parallel speed-up, which a loaded shared machine hides.
-        single_s = run_make_shards(tmp / "raw", tmp / "out1", 1) if workers > 1 else shards_s
+        single_s = timed(lambda target: run_make_shards(tmp / "raw", target, 1)) if workers > 1 else shards_s
     result = {
         "images": images,
+        "rounds": rounds,
         "mean_megapixels": round(megapixels / images, 3),
         "workers": workers,
         "cpu_count": os.cpu_count(),
