@@ -251,6 +251,7 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
         # bf16 images halve the loader's device memory traffic; autocast would cast them anyway
         dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
         on_corrupt=cfg.on_corrupt,
+        borrow_buffers=True,    # each batch is consumed by one step before the next is asked for
     )
     try:
         train = make_loader(LoaderSpec(split="train", lighting_std=cfg.lighting_std, **common))

@@ -68,6 +68,13 @@ class LoaderSpec:
     on_corrupt: Literal["error", "skip"] = "error"
     shuffle_buffer: int = 4096                  # train: per-rank shuffle buffer (samples)
     prefetch: int = 2                           # DALI prefetch queue depth / DataLoader prefetch_factor
+    # DALI on the CPU: hand out each image batch as a view of DALI's own output buffer instead of
+    # a copy. The view is valid only until the next batch is requested (DALI recycles the buffer),
+    # which is how the trainer, evaluator and profiler consume batches; code that keeps batches
+    # (tests, list(loader)) must leave this off. Saves a ~40 MB copy per batch of 64 (measured: ~9
+    # of ~37 ms per batch on 2 cores). The GPU path always copies device to device; the baseline
+    # loader ignores it.
+    borrow_buffers: bool = False
 
 
 class Loader(Protocol):
@@ -89,10 +96,40 @@ def make_loader(spec: LoaderSpec) -> Loader:
     shard_set = ShardSet.open(spec.data)
     if not shard_set.has_split(spec.split):
         raise ValueError(f"shard set {spec.data!r} has no {spec.split} samples")
+    if spec.device == "cpu":
+        keep_batch_buffers_mapped()
     if spec.kind == "dali":
         return DaliLoader(spec, shard_set)
     from alexnet_fast.pipeline.baseline import BaselineLoader
     return BaselineLoader(spec, shard_set)
+
+
+def keep_batch_buffers_mapped() -> None:
+    """Let glibc serve host batch buffers from its heap instead of fresh mmaps.
+
+    A float32 batch of 64 crops is ~40 MB: above glibc's largest mmap threshold (32 MB), so every
+    batch was a new mapping whose first touch page-faults ~10,000 times and is zeroed by the kernel.
+    Measured on 2 CPU cores: copying a DALI batch into a fresh torch tensor took 30 ms, into reused
+    memory 2-8 ms, and the whole CPU loader went from ~1,450 to ~2,150 img/s. With the thresholds
+    raised, freed batches stay in the heap and the next batch reuses pages already mapped. Applies
+    to the whole process (both loaders, the baseline's forked workers too); a no-op off glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3          # from glibc's <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+_MALLOC_TUNED = False
 
 
 def _check_spec(spec: LoaderSpec) -> None:
@@ -245,7 +282,7 @@ class DaliLoader:
     def _to_torch(self, outputs, plan: EpochPlan, index: int):
         images, labels, sources = outputs[:3]
         device = torch.device(self.spec.device, self.spec.device_id) if self.spec.device == "cuda" else torch.device("cpu")
-        x = _dali_to_torch(images, device)
+        x = _dali_to_torch(images, device, borrow=self.spec.borrow_buffers)
         y = _dali_to_torch(labels, device)
         if self.spec.channels_last:        # per-sample HWC -> an NCHW view with channels_last strides
             x = x.permute(0, 1, 4, 2, 3) if x.ndim == 5 else x.permute(0, 3, 1, 2)
@@ -354,12 +391,18 @@ def _decodes(data: np.ndarray) -> bool:
         return False
 
 
-def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI batch into a new torch tensor on `device` (device-to-device on the GPU)."""
+def _dali_to_torch(batch, device: torch.device, borrow: bool = False) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor on `device`: a new tensor (device-to-device copy on the
+    GPU), or on the CPU with `borrow` a zero-copy view valid until the pipeline runs again."""
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     dense = batch.as_tensor()
+    if device.type == "cpu":
+        if borrow:
+            return torch.from_numpy(np.asarray(dense))
+        # A zero-copy NumPy view of DALI's buffer (recycled by the next run), then one copy by
+        # torch's multi-threaded kernel: ~4x faster than feed_ndarray's single memmove here.
+        return torch.from_numpy(np.asarray(dense)).clone()
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
     return out

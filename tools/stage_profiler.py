@@ -207,7 +207,7 @@ def make_train_loader(cfg: ProfileConfig, kind: str):
     spec = LoaderSpec(
         data=str(cfg.data), split="train", kind=kind, batch_size=cfg.batch_size, device=cfg.device,
         device_id=cfg.torch_device.index or 0, workers=cfg.workers, channels_last=cfg.channels_last,
-        dtype=cfg.image_dtype,
+        dtype=cfg.image_dtype, borrow_buffers=True,   # as the trainer consumes batches
     )
     try:
         return make_loader(spec)
