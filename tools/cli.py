@@ -64,6 +64,9 @@ def run_command(command: click.Command, prog_name: str, args: list[str] | None =
     except click.exceptions.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `alexnet-fast`: the help, not an error
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
     except click.UsageError as e:  # bad flag, missing argument, wrong type, bad path
         where = e.ctx.command_path if e.ctx is not None else prog_name
         click.echo(f"{where}: error: {e.format_message()} (see --help)", err=True)
