@@ -61,7 +61,8 @@ class ShardSet:
     def open(cls, root: str | Path) -> "ShardSet":
         root = Path(root)
         if not root.is_dir():
-            raise ShardSetError(f"shard directory {str(root)!r} does not exist")
+            problem = "is not a directory" if root.exists() else "does not exist"
+            raise ShardSetError(f"shard directory {str(root)!r} {problem}")
         path = root / MANIFEST_NAME
         if not path.is_file():
             raise ShardSetError(
@@ -71,7 +72,7 @@ class ShardSet:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ShardSetError(f"cannot read {path}: {e}") from None
-        if manifest.get("format") != FORMAT_NAME:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:  # e.g. a JSON list
             raise ShardSetError(f"{path} is not an alexnet-fast manifest")
         return cls(root, manifest)
 
