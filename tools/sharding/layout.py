@@ -138,6 +138,14 @@ def _folder_items(
     folders, others = _class_folders(split_dir)
     for path in others:
         rejected.append(Rejection(_rel(path, raw), split, "not inside a class folder"))
+    # A symlinked "class folder" that leads back to the split folder (or above it) would make every
+    # other class's images a second time, under its name: a loop, rejected as such.
+    split_real = split_dir.resolve()
+    loops = [f for f in folders if f.is_symlink() and split_real.is_relative_to(f.resolve())]
+    for folder in loops:
+        rejected.append(Rejection(_rel(folder, raw) + "/", split,
+                                  f"symlink loop: links to {os.readlink(folder)!r}, which contains it"))
+    folders = [f for f in folders if f not in loops]
     named = [f for f in folders if WNID.match(f.name)]
     if wnids_only is None:
         wnids_only = bool(named)
