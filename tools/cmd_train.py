@@ -54,6 +54,12 @@ def _check_devices(cfg: TrainConfig) -> None:
             param_hint="--batch-size")
 
 
+def _check_out_dir(path: str, hint: str) -> None:
+    """A run/output directory that names an existing file would fail later with a traceback."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise click.BadParameter(f"{path!r} is a file, not a directory", param_hint=hint)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training per `cfg` and turn its outcome into an exit: 0 when it completed, reached
     --max-steps or was stopped by a signal with a checkpoint written; 1 when it failed."""
@@ -96,6 +102,7 @@ def train_command(config_file: str | None, **flags) -> None:
     if not cfg.data:
         raise click.UsageError("--data SHARDS is required (a directory written by `alexnet-fast shards`)")
     _open_shards(cfg.data)
+    _check_out_dir(cfg.out, "--out")
     _check_devices(cfg)
     train(cfg)
 
@@ -183,6 +190,8 @@ def demo_command(out_dir: str | None, device: str, loader: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    if out_dir is not None:
+        _check_out_dir(out_dir, "--out")
     device = resolve_device(device)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="alexnet-fast-demo-") as tmp:
