@@ -36,6 +36,10 @@ def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, worker
                              progress=not no_progress, log=log)
     except ShardingError as e:
         raise UserError(str(e)) from None
+    except OSError as e:  # writing OUT failed (disk full, quota): finished shards stay valid for a rerun
+        where = e.filename or str(out)
+        raise click.ClickException(f"cannot write {where}: {e.strerror or e}; finished shards are kept, "
+                                   "rerun the same command once there is space") from None
     click.echo(f"make_shards: {report.summary()}")
 
 

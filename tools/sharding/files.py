@@ -11,13 +11,20 @@ TMP_SUFFIX = ".tmp"
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that at every instant `path` is either absent/old or complete.
 
-    A kill -9 mid-write leaves only `path.tmp`, which the next run deletes.
+    A kill -9 mid-write leaves only `path.tmp`, which the next run deletes. A failed write (a full
+    disk, a file-size limit) removes `path.tmp` and raises OSError naming `path`.
     """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # a write error carries no file name: add it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     os.replace(tmp, path)
 
 
