@@ -164,6 +164,8 @@ class _SplitWriter:
 
 
 def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ShardingError(f"OUT {str(out)!r} is a file, not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".make_shards-write-test"
@@ -205,10 +207,10 @@ def make_shards(
     raw, out = Path(raw), Path(out)
     workers = workers or default_workers()
     discovery = discover(raw)
+    _check_out(out)  # before any log line: a bad OUT is a one-line error
     log(f"found {discovery.describe()}")
     for note in discovery.notes:
         log(note)
-    _check_out(out)
 
     args = {"raw": str(raw.resolve()), **asdict(opts)}
     fingerprint = job_fingerprint(discovery, args)
