@@ -1,0 +1,60 @@
+"""Run a Python command and SIGKILL it at a chosen file write, or list the files it writes.
+
+    python killpoint.py OUT --trace LIST -- SCRIPT ARGS...         # append each finished file to LIST
+    python killpoint.py OUT --kill NAME:WHEN -- SCRIPT ARGS...     # kill -9 at that file
+
+Every file the project writes in OUT becomes final through `os.replace(temp, final)` (shards,
+indices, resume sidecars, stats.json, manifest.json). This wrapper counts those renames: NAME is
+the final file's path relative to OUT (`train-000003.tar`, `.make_shards/train-000003.json`,
+`manifest.json`); WHEN is `before` (its temp file is complete, the rename has not happened) or
+`after` (renamed; nothing after it has run). The process then sends itself a real SIGKILL: no
+`finally`, atexit or flush runs, exactly as after `kill -9` from outside, but at a point of the
+job that a test can choose and reproduce, instead of a race against a timer.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> None:
+    split = argv.index("--")
+    out, mode, arg = Path(argv[0]).resolve(), argv[1], argv[2]
+    script, script_args = argv[split + 1], argv[split + 2:]
+    real_replace = os.replace
+
+    def name_in_out(dst) -> str | None:
+        path = Path(os.fspath(dst)).resolve()
+        return path.relative_to(out).as_posix() if path.is_relative_to(out) else None
+
+    if mode == "--trace":
+        def replace(src, dst, *args, **kwargs):
+            real_replace(src, dst, *args, **kwargs)
+            name = name_in_out(dst)
+            if name is not None:
+                with open(arg, "a") as trace:
+                    trace.write(name + "\n")
+    elif mode == "--kill":
+        target, when = arg.rsplit(":", 1)
+        assert when in ("before", "after"), when
+
+        def replace(src, dst, *args, **kwargs):
+            hit = name_in_out(dst) == target
+            if hit and when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst, *args, **kwargs)
+            if hit:
+                os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        raise SystemExit(f"killpoint: unknown mode {mode!r}")
+
+    os.replace = replace
+    sys.argv = [script, *script_args]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
