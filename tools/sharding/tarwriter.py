@@ -31,8 +31,9 @@ class Sample:
     orig_h: int
 
     def components(self) -> list[tuple[str, bytes]]:
+        # jpg_sha256: lets `verify` name the sample whose JPEG bytes changed even when they still decode
         meta = {"wnid": self.wnid, "source": self.source, "w": self.w, "h": self.h,
-                "orig_w": self.orig_w, "orig_h": self.orig_h}
+                "orig_w": self.orig_w, "orig_h": self.orig_h, "jpg_sha256": hashlib.sha256(self.jpeg).hexdigest()}
         return [
             ("jpg", self.jpeg),
             ("cls", str(self.label).encode()),
