@@ -2,8 +2,9 @@
 
 Per shard: the tar and its .idx exist, size and sha256 match the manifest, the tar holds exactly
 the manifest's sample count with .jpg/.cls/.lbl/.json each, .cls and .lbl agree and lie in the
-class range, every JPEG decodes, and the .idx is the index of this tar. Problems name the shard
-(and the sample); the command exits non-zero on any.
+class range, every JPEG decodes and matches the sha256 in its .json (so a changed byte is traced
+to its sample even when the JPEG still decodes), and the .idx is the index of this tar. Problems
+name the shard (and the sample); the command exits non-zero on any.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
         problems.append(f"{name}: sha256 differs from the manifest")
     samples: dict[str, dict[str, bytes]] = {}
     lines: list[str] = []
+    reading = None      # the member being read: where a cut-short tar ends
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             last_key = None
@@ -61,7 +63,9 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
                 if not m.isfile():
                     continue
                 key, _, ext = m.name.partition(".")
+                reading = m.name
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                reading = None
                 part = f"{ext} {m.offset_data} {m.size} {m.name}"
                 if key == last_key:
                     lines[-1] += " " + part
@@ -69,7 +73,8 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
                     lines.append(part)
                 last_key = key
     except (tarfile.TarError, OSError, EOFError) as e:
-        return len(samples), problems + [f"{name}: unreadable tar after {len(samples)} samples: {e}"]
+        where = f" in sample {reading.partition('.')[0]} ({reading})" if reading else ""
+        return len(samples), problems + [f"{name}: unreadable tar{where} after {len(samples)} samples: {e}"]
     if len(samples) != shard.samples:
         problems.append(f"{name}: {len(samples)} samples, manifest says {shard.samples}")
     for key, parts in samples.items():
@@ -91,7 +96,10 @@ def _check_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: in
         label = int(parts["cls"])
         if struct.unpack("<i", parts["lbl"])[0] != label or not 0 <= label < num_classes:
             problems.append(f"{where}: .cls {label} / .lbl disagree or out of range [0, {num_classes})")
-        json.loads(parts["json"])
+        meta = json.loads(parts["json"])
+        digest = meta.get("jpg_sha256") if isinstance(meta, dict) else None
+        if digest is not None and hashlib.sha256(parts["jpg"]).hexdigest() != digest:
+            problems.append(f"{where}: .jpg bytes differ from the sha256 written with it")
     except (ValueError, struct.error) as e:
         problems.append(f"{where}: bad label or metadata: {e}")
     try:
