@@ -96,12 +96,41 @@ def make_loader(spec: LoaderSpec) -> Loader:
     shard_set = ShardSet.open(spec.data)
     if not shard_set.has_split(spec.split):
         raise ValueError(f"shard set {spec.data!r} has no {spec.split} samples")
+    check_shard_files(shard_set, spec.split)
     if spec.device == "cpu":
         keep_batch_buffers_mapped()
     if spec.kind == "dali":
         return DaliLoader(spec, shard_set)
     from alexnet_fast.pipeline.baseline import BaselineLoader
     return BaselineLoader(spec, shard_set)
+
+
+def check_shard_files(shard_set: ShardSet, split: str) -> None:
+    """Before any reader starts: every shard of `split` has its tar and its index, and no sample
+    the index lists lies past the end of its tar (a copy cut short). Otherwise DALI stops with a
+    C++ assertion about a malformed index and webdataset with a tar error; this names the shard
+    (and the first lost sample) in one line instead. A few stat calls per shard: no data is read.
+    `on_corrupt="skip"` covers samples that do not decode, not shards missing whole parts."""
+    advice = f"run `alexnet-fast verify {shard_set.root}` and re-make the damaged shards"
+    for shard in shard_set.shards(split):
+        if not shard.tar.is_file():
+            raise CorruptSampleError(f"shard {shard.tar} is missing: {advice}")
+        if not shard.index.is_file():
+            raise CorruptSampleError(f"index {shard.index.name} of shard {shard.tar} is missing: {advice}")
+        size = shard.tar.stat().st_size
+        if size < shard.bytes:
+            lost = _first_key_past(shard.index, size)
+            raise CorruptSampleError(f"shard {shard.tar} is cut short ({size} of {shard.bytes} bytes; "
+                                     f"samples from key {lost} on are lost): {advice}")
+
+
+def _first_key_past(index: Path, size: int) -> str:
+    """The key of the first sample of a DALI index with a part ending beyond `size` bytes."""
+    for line in index.read_text().splitlines()[1:]:
+        fields = line.split()          # groups of: ext offset size member-name
+        if any(int(fields[i + 1]) + int(fields[i + 2]) > size for i in range(0, len(fields), 4)):
+            return fields[3].split(".", 1)[0]
+    return "?"
 
 
 def keep_batch_buffers_mapped() -> None:
