@@ -136,7 +136,7 @@ def evaluate_checkpoint(data: str, checkpoint_path: str, *, ten_crop: bool = Fal
     from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.distributed import resolve_device
     from alexnet_fast.model.evaluate import evaluate
-    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+    from alexnet_fast.pipeline.loaders import CorruptSampleError, LoaderSpec, make_loader
 
     shards = _open_shards(data)
     if not shards.has_split("val"):
@@ -153,9 +153,12 @@ def evaluate_checkpoint(data: str, checkpoint_path: str, *, ten_crop: bool = Fal
     model = build_model(state["arch"], state["num_classes"]).to(device)
     model.load_state_dict(state["model"])
     on_gpu = device == "cuda"
-    val = make_loader(LoaderSpec(data=data, split="val", kind=loader, batch_size=batch_size, device=device,
-                                 workers=workers, ten_crop=ten_crop, channels_last=on_gpu))
-    return evaluate(model, val, device, torch.bfloat16 if on_gpu else None, channels_last=on_gpu)
+    try:
+        val = make_loader(LoaderSpec(data=data, split="val", kind=loader, batch_size=batch_size, device=device,
+                                     workers=workers, ten_crop=ten_crop, channels_last=on_gpu))
+        return evaluate(model, val, device, torch.bfloat16 if on_gpu else None, channels_last=on_gpu)
+    except CorruptSampleError as e:     # a damaged val shard: its name in one line, exit 1
+        raise click.ClickException(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
