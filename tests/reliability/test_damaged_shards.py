@@ -1,0 +1,108 @@
+"""A shard damaged after make_shards wrote it: `verify` names the shard and the sample, and training
+stops with that name (`--on-corrupt error`, the default) instead of a traceback or a hang.
+(`--on-corrupt skip` on the same damage: test_training_faults.py.)"""
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import pytest
+from faults import ALEXNET_FAST, damage_jpeg, run
+
+from alexnet_fast.tools.cli import run_command
+from alexnet_fast.tools.cmd_shards import verify_command
+
+SHARD = "train-000001.tar"
+TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
+         "--max-steps", "2", "--seed", "3"]
+
+
+def _second_jpeg(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return [m for m in tar if m.name.endswith(".jpg")][1]
+
+
+def flip_bytes_inside_a_jpeg(out) -> str:
+    """8 bytes inverted in the middle of a JPEG's entropy-coded data: it still decodes (to wrong pixels)."""
+    member = _second_jpeg(out / SHARD)
+    data = bytearray((out / SHARD).read_bytes())
+    for i in range(8):
+        data[member.offset_data + member.size // 2 + i] ^= 0xFF
+    (out / SHARD).write_bytes(bytes(data))
+    return member.name.split(".")[0]
+
+
+def destroy_a_jpeg_header(out) -> str:
+    return damage_jpeg(out / SHARD, out / SHARD.replace(".tar", ".idx"))
+
+
+def cut_the_tar_short(out) -> str:
+    member = _second_jpeg(out / SHARD)
+    data = (out / SHARD).read_bytes()
+    (out / SHARD).write_bytes(data[: member.offset_data + member.size // 2])   # inside that sample's JPEG
+    return member.name.split(".")[0]
+
+
+def remove_the_index(out) -> str:
+    (out / SHARD.replace(".tar", ".idx")).unlink()
+    return ""
+
+
+def change_the_manifest_checksum(out) -> str:
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(s for s in manifest["splits"]["train"]["shards"] if s["tar"] == SHARD)
+    entry["sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return ""
+
+
+# damage -> what verify must say about it (besides the shard's name); {key} is the damaged sample
+VERIFY_SAYS = {
+    flip_bytes_inside_a_jpeg: "sample {key}: .jpg bytes differ from the sha256",
+    destroy_a_jpeg_header: "sample {key}: JPEG does not decode",
+    cut_the_tar_short: "unreadable tar in sample {key}",
+    remove_the_index: "index train-000001.idx is missing",
+    change_the_manifest_checksum: "sha256 differs from the manifest",
+}
+
+
+@pytest.mark.parametrize("damage", list(VERIFY_SAYS), ids=lambda f: f.__name__)
+def test_verify_names_the_shard_and_sample(damage, train_set, tmp_path, capsys):
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    key = damage(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(verify_command, "verify", [str(out), "--workers", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1
+    problems = [line for line in captured.err.splitlines() if line.startswith("verify: ")]
+    assert problems and all(f"verify: {SHARD}: " in line for line in problems), captured.err
+    assert any(VERIFY_SAYS[damage].format(key=key) in line for line in problems), captured.err
+    assert "FAILED" in captured.out
+
+
+def test_training_stops_naming_the_corrupt_sample(damaged_train_set, tmp_path):
+    data, shard, key = damaged_train_set
+    done = run([*TRAIN, "--data", str(data), "--out", str(tmp_path / "run")], timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("alexnet-fast: error: corrupt JPEG")
+    assert f"{data / shard}, key {key}" in error and "on_corrupt" in error
+
+
+@pytest.mark.parametrize("damage,on_corrupt,says", [
+    (cut_the_tar_short, "error", "is cut short"),
+    (remove_the_index, "skip", "index train-000001.idx of shard"),   # skip cannot invent a lost index
+], ids=["cut-tar", "missing-index"])
+def test_training_on_a_shard_missing_parts_stops_naming_it(damage, on_corrupt, says, train_set, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    damage(out)
+    done = run([*TRAIN, "--data", str(out), "--out", str(tmp_path / "run"), "--on-corrupt", on_corrupt], timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("alexnet-fast: error: ") and says in error and str(out / SHARD) in error
+    assert "verify" in error
