@@ -48,11 +48,37 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrorKeeper:
+    """The file object torch.save writes to, keeping the OSError of a failed write: torch turns
+    it into a RuntimeError without the errno ("unexpected pos ..."), and a full disk must reach
+    the user as what it is."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def _write_synced(obj: Any, tmp: Path) -> None:
-    """torch.save into `tmp` and fsync it; on any failure (disk full, a signal) remove `tmp`."""
+    """torch.save into `tmp` and fsync it; on any failure (disk full, a signal) remove `tmp`.
+    A failed write raises the OSError (ENOSPC, EFBIG, EDQUOT) itself."""
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            writer = _WriteErrorKeeper(fh)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
