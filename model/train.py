@@ -501,7 +501,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     def save(is_best: bool = False) -> None:
         rng = D.all_gather_objects(ckpt.rng_state())     # collective: every rank calls save()
-        if ctx.is_main:
+        if not ctx.is_main:
+            return
+        try:
             ckpt.save_checkpoint({
                 "model": D.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": {"step": step_scheduler.state_dict() if step_scheduler else None,
@@ -511,6 +513,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 "config": cfg.to_dict(), "arch": cfg.arch, "num_classes": num_classes,
                 "classes": shards.classes, "world_size": ctx.world_size,
             }, run_dir, is_best=is_best)
+        except OSError as e:    # disk full, quota: save_checkpoint removed its temp file, the old ones stand
+            kept = (f"{ckpt.LAST} still holds the previous one" if (run_dir / ckpt.LAST).exists()
+                    else "no checkpoint was written")
+            raise TrainingError(f"cannot write a checkpoint to {run_dir} at step {state.step}: "
+                                f"{e.strerror or e}; {kept}") from None
 
     def run_eval() -> EvalResult | None:
         if val_loader is None:
