@@ -1,0 +1,102 @@
+"""Training runs that meet a corrupt sample, a full disk while checkpointing, and a checkpoint cut
+short. (SIGKILL mid-epoch + resume with equal losses, and SIGTERM -> checkpoint + exit 0, are
+tests/test_train_resume.py; they are not repeated here.)
+
+One short real run is shared: `alexnet-fast train --on-corrupt skip` over a shard set with one
+undecodable JPEG, 3 steps of batch 4 (2 steps per epoch), a checkpoint every 2 steps and at each
+epoch end. Its run directory ends with last.pt (step 3) and last.prev.pt (the end of epoch 0).
+Tests that change the run directory work on a hard-linked copy: checkpoints are only ever
+replaced by rename, never rewritten in place, so the copy costs no disk and the shared run
+stays intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from faults import ALEXNET_FAST, limits, run
+
+TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
+         "--seed", "3", "--lr", "0.005", "--log-every", "1", "--ckpt-every", "2", "--on-corrupt", "skip"]
+CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "val_top1" not in r}
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _linked_copy(run_dir: Path, dst: Path) -> Path:
+    shutil.copytree(run_dir, dst, copy_function=os.link)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def skip_run(damaged_train_set, tmp_path_factory):
+    data, shard, key = damaged_train_set
+    run_dir = tmp_path_factory.mktemp("skip_run") / "run"
+    done = run([*TRAIN, "--data", str(data), "--out", str(run_dir), "--max-steps", "3"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, run_dir, done
+
+
+def test_corrupt_sample_is_skipped_and_counted(skip_run):
+    _, run_dir, done = skip_run
+    assert "Traceback" not in done.stderr
+    epochs = [r for r in _records(run_dir) if "val_top1" in r]
+    assert [r["skipped_samples"] for r in epochs] == [1, 1]     # found again in epoch 1, counted once
+    assert sorted(_step_losses(run_dir)) == [1, 2, 3]
+    assert torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["step"] == 3
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_good_one(skip_run, tmp_path):
+    data, run_dir, _ = skip_run
+    copy = _linked_copy(run_dir, tmp_path / "run")
+    before = {name: _identity(copy / name) for name in CHECKPOINT_FILES}
+    # A checkpoint is ~450 MB; files may grow to 64 MiB: metrics and config still write, the
+    # checkpoint's temp file fails with EFBIG part-way, as on a disk that fills up.
+    full = run([*TRAIN, "--data", str(data), "--out", str(copy), "--max-steps", "4", "--resume"],
+               preexec=limits(file_size=64 << 20), timeout=300)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    error = full.stderr.strip().splitlines()[-1]
+    assert error == (f"alexnet-fast: error: cannot write a checkpoint to {copy} at step 4: File too large; "
+                     "last.pt still holds the previous one")
+    assert {name: _identity(copy / name) for name in CHECKPOINT_FILES} == before   # not touched at all
+    assert not [p.name for p in copy.iterdir() if ".tmp" in p.name]
+
+
+def test_checkpoint_cut_short_is_detected_and_the_previous_one_used(skip_run, tmp_path):
+    data, run_dir, _ = skip_run
+    copy = _linked_copy(run_dir, tmp_path / "run")
+    previous = torch.load(copy / "last.prev.pt", map_location="cpu", weights_only=False)
+    whole = (copy / "last.pt").read_bytes()
+    (copy / "last.pt").unlink()                          # a new file: the shared run keeps its own
+    (copy / "last.pt").write_bytes(whole[: len(whole) // 3])
+    expected = _step_losses(run_dir)
+
+    resumed = run([*TRAIN, "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [line for line in resumed.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "last.pt" in warnings[0] and "damaged or truncated" in warnings[0]
+    assert "previous good checkpoint" in warnings[0]
+    assert (f"resumed from {copy / 'last.prev.pt'}: epoch {previous['epoch']}, step {previous['step']}"
+            in resumed.stdout)
+    got = _step_losses(copy)
+    assert sorted(got) == [1, 2, 3]
+    # the steps after the fallback point replay the uninterrupted run exactly (fixed seed, CPU)
+    later = [s for s in got if s > previous["step"]]
+    assert later and [got[s] for s in later] == [expected[s] for s in later]
+    assert torch.load(copy / "last.pt", map_location="cpu", weights_only=False)["step"] == 3
