@@ -36,6 +36,7 @@ rank ranges and shuffles are unchanged), drops that row from its batches, and co
 """
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 from dataclasses import dataclass, replace
@@ -161,6 +162,26 @@ def keep_batch_buffers_mapped() -> None:
 _MALLOC_TUNED = False
 
 
+def release_freed_memory() -> None:
+    """Collect garbage, then glibc's malloc_trim(0): hand the pages its arenas hold free back to the OS.
+
+    Once per epoch, between two pipelines. Each epoch builds a fresh DALI pipeline; the old one
+    sits in reference cycles (freed only by an occasional full collection), and with batch
+    buffers served from the heap (above) what it frees stays in glibc's arenas, fragmented.
+    benchmarks/loader_memory.py measured the CPU loader's RSS growing ~5-12 MiB per epoch (about
+    400 -> 1100 MiB over 80 epochs of a 256-image set); with both steps here it levels off (slope
+    -0.05 MiB/epoch over epochs 30-99). Costs ~0.1 s per epoch (mostly the full collection); the
+    trim is a no-op off glibc.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_spec(spec: LoaderSpec) -> None:
     if spec.kind not in ("dali", "baseline"):
         raise ValueError(f"loader kind must be 'dali' or 'baseline', not {spec.kind!r}")
@@ -259,6 +280,7 @@ class DaliLoader:
 
     def __iter__(self):
         plan, done = self._plan, 0
+        release_freed_memory()              # what the previous epoch's pipeline left: see there
         pipe = self._build(plan)
         while done < plan.batches:
             try:
