@@ -1,15 +1,17 @@
 """Run a Python command and SIGKILL it at a chosen file write, or list the files it writes.
 
     python killpoint.py OUT --trace LIST -- SCRIPT ARGS...         # append each finished file to LIST
-    python killpoint.py OUT --kill NAME:WHEN -- SCRIPT ARGS...     # kill -9 at that file
+    python killpoint.py OUT --kill NAME:WHEN[:N] -- SCRIPT ARGS... # kill -9 at that file (its N-th write)
 
 Every file the project writes in OUT becomes final through `os.replace(temp, final)` (shards,
-indices, resume sidecars, stats.json, manifest.json). This wrapper counts those renames: NAME is
-the final file's path relative to OUT (`train-000003.tar`, `.make_shards/train-000003.json`,
-`manifest.json`); WHEN is `before` (its temp file is complete, the rename has not happened) or
-`after` (renamed; nothing after it has run). The process then sends itself a real SIGKILL: no
-`finally`, atexit or flush runs, exactly as after `kill -9` from outside, but at a point of the
-job that a test can choose and reproduce, instead of a race against a timer.
+indices, resume sidecars, stats.json, manifest.json, checkpoints). This wrapper watches those
+renames: NAME is the final file's path relative to OUT (`train-000003.tar`,
+`.make_shards/train-000003.json`, `manifest.json`, `last.pt`); WHEN is `before` (its temp file is
+complete, the rename has not happened) or `after` (renamed; nothing after it has run); N (default
+1) picks the N-th time that name is made final (last.pt is replaced on every save). The process
+then sends itself a real SIGKILL: no `finally`, atexit or flush runs, exactly as after `kill -9`
+from outside, but at a point of the job that a test can choose and reproduce, instead of a race
+against a timer.
 """
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ def main(argv: list[str]) -> None:
                 with open(arg, "a") as trace:
                     trace.write(name + "\n")
     elif mode == "--kill":
-        target, when = arg.rsplit(":", 1)
+        target, when, *nth = arg.split(":")
         assert when in ("before", "after"), when
+        seen = [0, int(nth[0]) if nth else 1]     # [times the name was made final, the one to kill at]
 
         def replace(src, dst, *args, **kwargs):
-            hit = name_in_out(dst) == target
+            if name_in_out(dst) == target:
+                seen[0] += 1
+            hit = name_in_out(dst) == target and seen[0] == seen[1]
             if hit and when == "before":
                 os.kill(os.getpid(), signal.SIGKILL)
             real_replace(src, dst, *args, **kwargs)

@@ -1,6 +1,6 @@
-"""Training runs that meet a corrupt sample, a full disk while checkpointing, and a checkpoint cut
-short. (SIGKILL mid-epoch + resume with equal losses, and SIGTERM -> checkpoint + exit 0, are
-tests/test_train_resume.py; they are not repeated here.)
+"""Training runs that meet a corrupt sample, a full disk while checkpointing, a checkpoint cut
+short, a SIGKILL in the middle of saving a checkpoint, and a SIGTERM. (SIGKILL mid-epoch + resume
+with equal losses, and SIGTERM to a 2-process run, are tests/test_train_resume.py.)
 
 One short real run is shared: `alexnet-fast train --on-corrupt skip` over a shard set with one
 undecodable JPEG, 3 steps of batch 4 (2 steps per epoch), a checkpoint every 2 steps and at each
@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from faults import ALEXNET_FAST, limits, run
+from faults import ALEXNET_FAST, KILLPOINT, REPO, env, limits, run
 
 TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
          "--seed", "3", "--lr", "0.005", "--log-every", "1", "--ckpt-every", "2", "--on-corrupt", "skip"]
@@ -100,3 +103,52 @@ def test_checkpoint_cut_short_is_detected_and_the_previous_one_used(skip_run, tm
     later = [s for s in got if s > previous["step"]]
     assert later and [got[s] for s in later] == [expected[s] for s in later]
     assert torch.load(copy / "last.pt", map_location="cpu", weights_only=False)["step"] == 3
+
+
+def test_sigkill_between_the_checkpoint_renames_then_resume_matches(skip_run, tmp_path):
+    """The 3rd save (step 3) is killed after last.pt became last.prev.pt and before the complete
+    last.pt.tmp was renamed to last.pt: the one instant with no last.pt at all."""
+    data, run_dir, _ = skip_run
+    out = tmp_path / "run"
+    cli = str(REPO / "tools" / "cli.py")
+    flags = [*TRAIN[3:], "--data", str(data), "--out", str(out), "--max-steps", "3"]
+    killed = run([*KILLPOINT, str(out), "--kill", "last.pt:before:3", "--", cli, *flags], timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / "last.pt").exists() and (out / "last.prev.pt").exists() and (out / "last.pt.tmp").exists()
+
+    resumed = run([*TRAIN, "--data", str(data), "--out", str(out), "--max-steps", "3", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warnings = [line for line in resumed.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "last.pt missing" in warnings[0], resumed.stderr[-3000:]
+    assert f"resumed from {out / 'last.prev.pt'}: epoch 1, step 2" in resumed.stdout
+    assert _step_losses(out) == _step_losses(run_dir)
+    final, reference = (torch.load(d / "last.pt", map_location="cpu", weights_only=False) for d in (out, run_dir))
+    assert final["step"] == reference["step"] == 3
+    for name, value in reference["model"].items():
+        assert torch.equal(value, final["model"][name]), name
+    assert not (out / "last.pt.tmp").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_within_seconds(train_set, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*TRAIN, "--data", str(train_set), "--out", str(out), "--epochs", "50"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step was logged"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert took < 15, f"{took:.1f} s from SIGTERM to exit"
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert f"stopped by SIGTERM at step {saved['step']}: checkpoint written to {out / 'last.pt'}" in stdout
+    assert saved["step"] >= 1
