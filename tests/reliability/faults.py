@@ -47,9 +47,10 @@ def limits(file_size: int | None = None, drop_root_file_access: bool = False):
     return apply
 
 
-def run(cmd: list[str], *, timeout: float = 120, preexec=None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), preexec_fn=preexec,
-                          **kwargs)
+def run(cmd: list[str], *, timeout: float = 120, preexec=None, extra_env: dict[str, str] | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**(extra_env or {})),
+                          preexec_fn=preexec, **kwargs)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
