@@ -81,10 +81,19 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers `install` replaced. Left installed, a flag-setting SIGTERM handler
+        outlives the run in the caller's process and is inherited by every process it forks later
+        (a multiprocessing pool then can no longer terminate its workers)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -572,6 +581,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 result["outcome"] = Outcome.MAX_STEPS.value
                 break
     finally:
+        stop.uninstall()
         log.close()
     result.update(step=state.step, epoch=state.epoch)
     return result

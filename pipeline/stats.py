@@ -32,7 +32,6 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -40,6 +39,7 @@ import numba
 import numpy as np
 from PIL import Image
 
+from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.pipeline.shardset import STATS_NAME
 
 PIXEL_MAX = 255
@@ -216,7 +216,7 @@ def _task_results(tasks: list[_Task], workers: int) -> Iterator[Iterable[tuple[i
     if workers == 1:
         yield map(_task_moments, tasks)
         return
-    with get_context("fork").Pool(workers) as pool:
+    with fork_pool(workers) as pool:
         yield pool.imap(_task_moments, tasks)
 
 

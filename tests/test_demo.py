@@ -3,13 +3,18 @@ tiny size so it fits the test budget; the full-size demo's numbers are in the RE
 from __future__ import annotations
 
 import json
+import signal
 
 from alexnet_fast.tools.cmd_train import DemoSize, run_demo
 
 
 def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, capsys):
     tiny = DemoSize(classes=3, train_per_class=8, val_per_class=4, epochs=1, batch_size=8, lr=0.01)
+    handlers_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     result = run_demo(tmp_path, "cpu", "dali", tiny)
+    # The trainer's stop flag must not outlive the run: left installed, it was inherited by later
+    # fork pools (stats, make_shards) in this process, whose exit then hung on SIGTERM-immune workers.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers_before
     out = capsys.readouterr().out
     assert result["outcome"] == "completed"
     assert result["val"]["images"] == 12

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import multiprocessing
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import ImageOptions, convert_image, read_item
@@ -115,7 +115,7 @@ def _converter(opts: ImageOptions, workers: int):
         return
     # fork, before any progress-bar thread exists: workers need only PIL and the items, and
     # spawn would re-import `tools/make_shards` as __main__.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with fork_pool(workers) as pool:
         yield lambda items: pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
 
 

@@ -14,11 +14,11 @@ import json
 import struct
 import tarfile
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 from PIL import Image
 
+from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.pipeline.shardset import SPLITS, ShardFile, ShardSet
 from alexnet_fast.tools.sharding.tarwriter import DALI_INDEX_VERSION
 
@@ -125,7 +125,7 @@ def verify_shard_set(out: Path, workers: int = 1, progress: bool = False) -> Ver
         listed = sum(s["samples"] for s in entry["shards"])
         if entry["samples"] != listed:
             report.problems.append(f"manifest: {split} total {entry['samples']} != {listed}, the sum over its shards")
-    pool = get_context("fork").Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
+    pool = fork_pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
     try:
         # Results in manifest order, so the problem list reads shard by shard.
         results = pool.imap(_verify_task, tasks) if pool else map(_verify_task, tasks)
