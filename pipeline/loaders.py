@@ -36,6 +36,7 @@ rank ranges and shuffles are unchanged), drops that row from its batches, and co
 """
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import tempfile
@@ -134,6 +135,20 @@ def _first_key_past(index: Path, size: int) -> str:
     return "?"
 
 
+@functools.cache
+def _glibc():
+    """glibc through ctypes, or None where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc-only symbol: AttributeError elsewhere
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
 def keep_batch_buffers_mapped() -> None:
     """Let glibc serve host batch buffers from its heap instead of fresh mmaps.
 
@@ -144,22 +159,12 @@ def keep_batch_buffers_mapped() -> None:
     raised, freed batches stay in the heap and the next batch reuses pages already mapped. Applies
     to the whole process (both loaders, the baseline's forked workers too); a no-op off glibc.
     """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3          # from glibc's <malloc.h>
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-_MALLOC_TUNED = False
 
 
 def release_freed_memory() -> None:
@@ -174,12 +179,9 @@ def release_freed_memory() -> None:
     trim is a no-op off glibc.
     """
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _check_spec(spec: LoaderSpec) -> None:
