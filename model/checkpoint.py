@@ -12,8 +12,9 @@ warns and falls back to `last.prev.pt`.
 
 A checkpoint is a dict:
     {"format": CHECKPOINT_FORMAT, "model": unwrapped state_dict, "optimizer", "scheduler", "scaler",
-     "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states], "config": {...}, "arch",
-     "num_classes", "classes"}
+     "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states],
+     "loader": [per-rank train loader state_dict(): the DALI pipeline checkpoint, to resume mid-epoch],
+     "config": {...}, "arch", "num_classes", "classes", "world_size"}
 """
 from __future__ import annotations
 

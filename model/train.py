@@ -147,8 +147,9 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
                     state: TrainState, *, world_size: int = 1, max_steps: int = 0, log_every: int = 50,
                     ckpt_every: int = 0, stop_check_every: int = 1,
                     hooks: LoopHooks | None = None) -> EpochResult:
-    """Train on `batches` (any iterable of (images, labels)), skipping the first
-    `state.step_in_epoch` of them (a resumed epoch). Updates `state` as it goes."""
+    """Train on `batches` (any iterable of (images, labels)): the rest of epoch `state.epoch`,
+    from batch `state.step_in_epoch` on (a resumed epoch: the loader was positioned there with
+    `resume`). Updates `state` as it goes."""
     hooks = hooks or LoopHooks()
     engine.model.train()
     device = engine.device
@@ -159,12 +160,9 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
     epoch_loss_sum, epoch_steps, images_seen, logged = 0.0, 0, 0, []
     window_steps, window_images, window_start = 0, 0, time.perf_counter()
     start = window_start
-    skip = state.step_in_epoch
     outcome = Outcome.COMPLETED
 
-    for index, (images, labels) in enumerate(batches):
-        if index < skip:             # resumed mid-epoch: these batches were trained on before the stop
-            continue
+    for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
         loss = train_step(engine, images, labels)
         state.step += 1
         state.step_in_epoch = index + 1
@@ -465,6 +463,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     # --- resume
     state = TrainState()
     resumed_at: int | None = None
+    loader_state: dict | None = None     # this rank's train loader state at the checkpoint
     if cfg.resume and ckpt.has_checkpoint(run_dir):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -483,6 +482,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             plateau.load_state_dict(saved["scheduler"]["plateau"])
         scaler.load_state_dict(saved["scaler"])
         state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
+        saved_loaders = saved.get("loader")
+        if saved_loaders and len(saved_loaders) == ctx.world_size:
+            loader_state = saved_loaders[ctx.rank]
         rng = saved["rng"]
         if len(rng) == ctx.world_size:
             ckpt.set_rng_state(rng[ctx.rank])
@@ -510,6 +512,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     def save(is_best: bool = False) -> None:
         rng = D.all_gather_objects(ckpt.rng_state())     # collective: every rank calls save()
+        loaders = D.all_gather_objects(train_loader.state_dict())
         if not ctx.is_main:
             return
         try:
@@ -519,6 +522,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                               "plateau": plateau.state_dict() if plateau else None},
                 "scaler": scaler.state_dict(), "epoch": state.epoch, "step": state.step,
                 "step_in_epoch": state.step_in_epoch, "best_top1": state.best_top1, "rng": rng,
+                "loader": loaders,
                 "config": cfg.to_dict(), "arch": cfg.arch, "num_classes": num_classes,
                 "classes": shards.classes, "world_size": ctx.world_size,
             }, run_dir, is_best=is_best)
@@ -539,7 +543,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     try:
         while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
             epoch = state.epoch
-            train_loader.set_epoch(epoch)
+            if state.step_in_epoch:     # resumed mid-epoch: the loader continues at the next batch
+                restored = train_loader.resume(epoch, state.step_in_epoch, loader_state)
+                say(ctx, f"epoch {epoch + 1} continues at batch {state.step_in_epoch + 1}: "
+                         + ("loader state restored" if restored else "the loader replays the batches before it"))
+            else:
+                train_loader.set_epoch(epoch)
             hooks.progress = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, unit="step",
                                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.is_main,
                                   dynamic_ncols=True, leave=False)

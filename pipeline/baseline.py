@@ -129,6 +129,8 @@ class BaselineLoader:
         self.shard_set = shard_set
         self.stats = ColorStats.from_dict(shard_set.stats())
         self.skipped: list[str] = []
+        self._first = 0                 # the batch the next iteration starts at (resume)
+        self._done = 0                  # batches of the current epoch handed out
         self.set_epoch(0)
 
     @property
@@ -145,7 +147,7 @@ class BaselineLoader:
         return self._batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._first = epoch, 0
         self._plan = EpochPlan.make(self.spec, self.shard_set, epoch)
         b, w = self.spec.batch_size, self.spec.workers
         if self.spec.split == "train":     # every rank: the smallest rank's count of full per-worker batches
@@ -155,13 +157,26 @@ class BaselineLoader:
         else:
             self._batches = sum(-(-(hi - lo) // b) for lo, hi in worker_ranges(self._plan.start, self._plan.stop, w))
 
+    def resume(self, epoch: int, batches_done: int, state: dict | None = None) -> bool:
+        """DataLoader workers have no resumable state: the epoch is replayed (decoded, then dropped)
+        up to `batches_done`; the same seed gives the same batches."""
+        self.set_epoch(epoch)
+        if not 0 <= batches_done <= self._batches:
+            raise ValueError(f"cannot resume at batch {batches_done}: epoch {epoch} has {self._batches}")
+        self._first = batches_done
+        return False
+
+    def state_dict(self) -> dict:
+        return {"kind": "baseline", "epoch": self.epoch, "batches": self._done}
+
     def __iter__(self):
         on_gpu = self.spec.device == "cuda"
         device = torch.device("cuda", self.spec.device_id) if on_gpu else torch.device("cpu")
         loader = torch.utils.data.DataLoader(
             _EpochSamples(self.spec, self._plan, self.stats), batch_size=None, num_workers=self.spec.workers,
             pin_memory=on_gpu, prefetch_factor=self.spec.prefetch, persistent_workers=False)
-        done = 0
+        done, first = 0, self._first
+        self._first = self._done = 0
         for item in loader:
             if isinstance(item[0], str):         # ("corrupt", message) from a worker
                 raise CorruptSampleError(item[1] + " -- re-make that shard, or pass on_corrupt='skip'")
@@ -169,10 +184,12 @@ class BaselineLoader:
             self.skipped.extend(skipped)
             if len(labels) == 0:
                 continue
-            images = images.to(device, non_blocking=True).to(self.spec.dtype)
-            if self.spec.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
-            yield images, labels.to(device, non_blocking=True)
             done += 1
+            if done > first:                     # before `first`: trained on before a resume
+                images = images.to(device, non_blocking=True).to(self.spec.dtype)
+                if self.spec.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
+                self._done = done
+                yield images, labels.to(device, non_blocking=True)
             if self.spec.split == "train" and done == self._batches:
                 return

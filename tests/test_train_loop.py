@@ -43,10 +43,11 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_after_it():
     assert saved_at == [2]                             # the step-4 checkpoint was refused
 
 
-def test_resumed_epoch_skips_the_batches_already_trained_on():
+def test_resumed_epoch_counts_on_from_the_saved_batch():
     state = TrainState(epoch=0, step=7, step_in_epoch=2)
     logged = []
-    result = train_one_epoch(_engine(), _batches(4), state, log_every=1,
+    # a resumed loader yields the rest of the epoch: batches 3 and 4 of 4
+    result = train_one_epoch(_engine(), _batches(4)[2:], state, log_every=1,
                              hooks=LoopHooks(log=logged.append))
     assert result.outcome is Outcome.COMPLETED
     assert [r["step"] for r in logged] == [8, 9]

@@ -2,8 +2,8 @@
 
 - SIGKILL mid-epoch, then --resume: the run continues from the last checkpoint and its later losses
   and final weights equal an uninterrupted run's exactly (fixed seed, CPU, dropout ON: the RNG
-  states in the checkpoint make the dropout masks replay; the loader replays the epoch's order and
-  augmentation from (seed, epoch) and skips the batches already trained on).
+  states in the checkpoint make the dropout masks replay; the DALI loader restores its pipeline
+  checkpoint, so it continues with the batch after the saved step without decoding those before).
 - SIGTERM to a 2-process (self-launched, gloo) run: a checkpoint is written and it exits 0 within
   seconds.
 """
@@ -70,6 +70,7 @@ def test_resume_after_sigkill_replays_the_uninterrupted_run(shard_set, tmp_path)
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {killed / 'last.pt'}: epoch 0, step {saved['step']}" in resumed.stdout
+    assert f"epoch 1 continues at batch {saved['step'] + 1}: loader state restored" in resumed.stdout
 
     expected, got = _losses(straight), _losses(killed)
     assert sorted(got) == [1, 2, 3, 4, 5]      # steps re-run after the kill are logged once
