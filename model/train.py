@@ -444,6 +444,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     shards = ShardSet.open(cfg.data)
     num_classes = cfg.num_classes or shards.num_classes
     train_loader, val_loader = load_data(cfg, ctx, per_rank_batch, precision)
+    if ctx.is_main:     # --on-corrupt skip went on past damaged shards: say which, once
+        for note in train_loader.notes + (val_loader.notes if val_loader is not None else []):
+            print(f"alexnet-fast train: warning: {note}", file=sys.stderr, flush=True)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has fewer than {per_rank_batch} images per rank: "
@@ -578,6 +581,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             log.write(record)
             say(ctx, f"epoch {epoch + 1}: loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
                      f"{record['img_per_s']:.1f} img/s"
+                     + (f"  ({skipped} sample(s) skipped so far on rank {ctx.rank})" if skipped else "")
                      + (f"  val top-1 {val.top1:.2%} top-5 {val.top5:.2%} ({val.images} images)" if val else ""))
             if plateau is not None and epoch_result.outcome is Outcome.COMPLETED:
                 # the paper watched the validation error; without a val split, the training loss

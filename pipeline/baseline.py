@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from alexnet_fast.pipeline.augment import ColorStats, centre_params, draw_params, reference_augment, reference_ten_crop
-from alexnet_fast.pipeline.loaders import CorruptSampleError, EpochPlan, LoaderSpec, derive_seed, rank_range
+from alexnet_fast.pipeline.loaders import CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage, derive_seed, rank_range
 from alexnet_fast.pipeline.shardset import ShardSet
 
 
@@ -124,7 +124,14 @@ class _EpochSamples(torch.utils.data.IterableDataset):
 
 
 class BaselineLoader:
-    def __init__(self, spec: LoaderSpec, shard_set: ShardSet):
+    def __init__(self, spec: LoaderSpec, shard_set: ShardSet, damaged: list[ShardDamage] = ()):
+        # webdataset reads the tars without the .idx, so a missing index does not matter here; the
+        # samples a cut-short tar lost would end its reader early and unevenly across workers.
+        for damage in damaged:
+            if damage.cut_short:
+                raise CorruptSampleError(f"{damage.describe()}: the baseline loader cannot skip them; use the "
+                                         f"DALI loader, or re-make that shard")
+        self.notes = [f"{d.describe()}: the baseline loader does not use it" for d in damaged]
         self.spec = spec
         self.shard_set = shard_set
         self.stats = ColorStats.from_dict(shard_set.stats())
@@ -179,7 +186,7 @@ class BaselineLoader:
         self._first = self._done = 0
         for item in loader:
             if isinstance(item[0], str):         # ("corrupt", message) from a worker
-                raise CorruptSampleError(item[1] + " -- re-make that shard, or pass on_corrupt='skip'")
+                raise CorruptSampleError(item[1] + " -- re-make that shard, or pass --on-corrupt skip")
             images, labels, skipped = item
             self.skipped.extend(skipped)
             if len(labels) == 0:

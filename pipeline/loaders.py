@@ -37,17 +37,22 @@ Corrupt samples (a JPEG inside a shard that does not decode): DALI reports only 
 failure" for the batch, not which sample. The DALI loader then replays the reader alone (same
 config and seed, so the same order, no decoding) over the failed batch and the prefetched ones,
 decodes each candidate with DALI's CPU decoder and names the shard and key in a
-`CorruptSampleError`. With `on_corrupt="skip"` it instead points that sample's image at another
-sample of the same tar in a patched copy of the .idx (the sample count and order stay the same, so
-rank ranges and shuffles are unchanged), drops that row from its batches, and counts it in
-`loader.skipped` / `loader.num_skipped`.
+`CorruptSampleError`. With `on_corrupt="skip"` it instead points that sample at another sample of
+the same tar in a patched copy of the .idx (index_patches.py: the sample count and order stay the
+same, so rank ranges and shuffles are unchanged), drops that row from its batches, and counts it
+in `loader.skipped` / `loader.num_skipped`.
+
+Shards missing parts (found before any reader starts, from a few stat calls): a missing tar stops
+the loader in both modes. With `on_corrupt="skip"` the DALI loader carries on past the rest and
+says so in `loader.notes`: a missing .idx is rebuilt from the tar's headers; the samples of a tar
+cut short are skipped as above (and counted when their rows are dropped). The baseline loader
+needs no .idx; it cannot skip the lost samples of a cut-short tar and stops naming it.
 """
 from __future__ import annotations
 
 import functools
 import gc
 import math
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal, Protocol
@@ -55,6 +60,7 @@ from typing import Iterator, Literal, Protocol
 import numpy as np
 import torch
 
+from alexnet_fast.pipeline.index_patches import IndexPatches, Row, index_from_tar, read_index, row_fits, row_key
 from alexnet_fast.pipeline.shardset import ShardFile, ShardSet
 
 
@@ -89,6 +95,8 @@ class LoaderSpec:
 
 class Loader(Protocol):
     num_samples: int                            # samples this rank sees per epoch (val: exact, no padding)
+    skipped: list[str]                          # "<tar>:<key>" of the samples left out so far (on_corrupt="skip")
+    notes: list[str]                            # damaged shards the loader works around (on_corrupt="skip")
 
     def __len__(self) -> int: ...              # batches per epoch on this rank (same on every rank for train)
 
@@ -112,41 +120,59 @@ def make_loader(spec: LoaderSpec) -> Loader:
     shard_set = ShardSet.open(spec.data)
     if not shard_set.has_split(spec.split):
         raise ValueError(f"shard set {spec.data!r} has no {spec.split} samples")
-    check_shard_files(shard_set, spec.split)
+    damaged = check_shard_files(shard_set, spec.split, spec.on_corrupt)
     if spec.device == "cpu":
         keep_batch_buffers_mapped()
     if spec.kind == "dali":
-        return DaliLoader(spec, shard_set)
+        return DaliLoader(spec, shard_set, damaged)
     from alexnet_fast.pipeline.baseline import BaselineLoader
-    return BaselineLoader(spec, shard_set)
+    return BaselineLoader(spec, shard_set, damaged)
 
 
-def check_shard_files(shard_set: ShardSet, split: str) -> None:
+@dataclass(frozen=True)
+class ShardDamage:
+    """A shard of the manifest missing a part: its .idx, or the tail of its tar."""
+    shard: ShardFile
+    index_missing: bool
+    tar_size: int                   # bytes on disk (< shard.bytes: cut short)
+
+    @property
+    def cut_short(self) -> bool:
+        return self.tar_size < self.shard.bytes
+
+    def describe(self) -> str:
+        parts = [f"index {self.shard.index.name} of shard {self.shard.tar} is missing"] if self.index_missing else []
+        if self.cut_short:
+            lost = "" if self.index_missing else f"; samples from key {_first_key_past(self.shard.index, self.tar_size)} on are lost"
+            parts.append(f"shard {self.shard.tar} is cut short ({self.tar_size} of {self.shard.bytes} bytes{lost})")
+        return " and ".join(parts)
+
+
+def check_shard_files(shard_set: ShardSet, split: str, on_corrupt: str = "error") -> list[ShardDamage]:
     """Before any reader starts: every shard of `split` has its tar and its index, and no sample
     the index lists lies past the end of its tar (a copy cut short). Otherwise DALI stops with a
     C++ assertion about a malformed index and webdataset with a tar error; this names the shard
     (and the first lost sample) in one line instead. A few stat calls per shard: no data is read.
-    `on_corrupt="skip"` covers samples that do not decode, not shards missing whole parts."""
+    With on_corrupt="skip", returns the damaged shards for the loader to work around (a missing
+    tar still stops it: nothing of that shard is left to read)."""
     advice = f"run `alexnet-fast verify {shard_set.root}` and re-make the damaged shards"
+    damaged = []
     for shard in shard_set.shards(split):
         if not shard.tar.is_file():
             raise CorruptSampleError(f"shard {shard.tar} is missing: {advice}")
-        if not shard.index.is_file():
-            raise CorruptSampleError(f"index {shard.index.name} of shard {shard.tar} is missing: {advice}")
-        size = shard.tar.stat().st_size
-        if size < shard.bytes:
-            lost = _first_key_past(shard.index, size)
-            raise CorruptSampleError(f"shard {shard.tar} is cut short ({size} of {shard.bytes} bytes; "
-                                     f"samples from key {lost} on are lost): {advice}")
+        damage = ShardDamage(shard, not shard.index.is_file(), shard.tar.stat().st_size)
+        if damage.index_missing or damage.cut_short:
+            if on_corrupt != "skip":
+                raise CorruptSampleError(f"{damage.describe()}: {advice} (or pass --on-corrupt skip to go on "
+                                         f"without the lost samples)")
+            damaged.append(damage)
+    return damaged
 
 
 def _first_key_past(index: Path, size: int) -> str:
     """The key of the first sample of a DALI index with a part ending beyond `size` bytes."""
-    for line in index.read_text().splitlines()[1:]:
-        fields = line.split()          # groups of: ext offset size member-name
-        if any(int(fields[i + 1]) + int(fields[i + 2]) > size for i in range(0, len(fields), 4)):
-            return fields[3].split(".", 1)[0]
-    return "?"
+    _, rows = read_index(index)
+    return next((row_key(r) for r in rows if not row_fits(r, size)), "?")
 
 
 @functools.cache
@@ -264,17 +290,22 @@ class EpochPlan:
 class DaliLoader:
     """The DALI pipelines behind the Loader contract (see the module docstring)."""
 
-    def __init__(self, spec: LoaderSpec, shard_set: ShardSet):
+    def __init__(self, spec: LoaderSpec, shard_set: ShardSet, damaged: list[ShardDamage] = ()):
         from alexnet_fast.pipeline.augment import ColorStats
 
         self.spec = spec
         self.shard_set = shard_set
         self.stats = ColorStats.from_dict(shard_set.stats())
         self.epoch = 0
-        self.skipped: list[str] = []            # "<tar>:<key>" of every corrupt sample skipped so far
-        self._patched: dict[str, Path] = {}     # tar path -> patched .idx (on_corrupt="skip")
-        self._patch_dir: tempfile.TemporaryDirectory | None = None
+        self.skipped: list[str] = []            # "<tar>:<key>" of every sample left out so far on this rank
+        self.notes: list[str] = []              # one line per damaged shard worked around (on_corrupt="skip")
+        self._patches = IndexPatches()          # index copies that point skipped samples at a donor
+        self._drop: set[str] = set()            # names whose rows are dropped: corrupt and lost samples
+        self._lost: set[str] = set()            # names of the samples cut-short tars lost
+        self._lost_rows: dict[str, list[int]] = {}   # tar path -> positions of its lost samples
         self._plan = EpochPlan.make(spec, shard_set, 0)
+        for damage in damaged:
+            self._work_around(damage)
         self._resume_at: tuple[int, str | None] | None = None   # (first batch, DALI checkpoint or None)
         self._pipe = None                       # the current epoch's pipeline (state_dict checkpoints it)
         self._done = 0                          # batches of the current epoch handed out
@@ -283,8 +314,10 @@ class DaliLoader:
     # -- the Loader contract ------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        skipped_here = len(self.skipped) if self.spec.split == "val" else 0
-        return self._plan.num_samples - skipped_here
+        if self.spec.split == "train":
+            return self._plan.num_samples
+        corrupt = sum(name not in self._lost for name in self.skipped)
+        return self._plan.num_samples - corrupt - self._lost_in_range()
 
     @property
     def num_skipped(self) -> int:
@@ -305,7 +338,7 @@ class DaliLoader:
         state = state or {}
         mine = {str(s.tar) for s in self._plan.shards}
         for name in state.get("skipped", []):   # corrupt samples skipped before the stop stay skipped
-            if name not in self._skipped_set and name.rsplit(":", 1)[0] in mine:
+            if name not in self._drop and name.rsplit(":", 1)[0] in mine:
                 self._skip(name)
         checkpoint = state.get("dali")
         usable = (bool(checkpoint) and state.get("fingerprint") == self._fingerprint()
@@ -358,7 +391,7 @@ class DaliLoader:
         train = self.spec.split == "train"
         return ReaderConfig(
             paths=tuple(str(s.tar) for s in plan.shards),
-            index_paths=tuple(str(self._patched.get(str(s.tar), s.index)) for s in plan.shards),
+            index_paths=tuple(str(self._patches.index_of(s.tar, s.index)) for s in plan.shards),
             shard_id=self.spec.rank, num_shards=self.spec.world_size, shuffle=train,
             initial_fill=max(1, min(self.spec.shuffle_buffer, plan.stop - plan.start)), seed=plan.seed)
 
@@ -401,11 +434,14 @@ class DaliLoader:
         if self.spec.split == "val" and index == plan.batches - 1:
             keep = plan.num_samples - index * self.spec.batch_size   # trim the reader's padding
         rows = None
-        if self.skipped:                   # only then look at source_info (host strings)
+        if self._drop:                     # only then look at source_info (host strings)
             names = [_source_name(sources.at(i)) for i in range(keep)]
-            rows = [i for i, name in enumerate(names) if name not in self._skipped_set]
+            rows = [i for i, name in enumerate(names) if name not in self._drop]
             if len(rows) == keep:
                 rows = None
+            else:
+                seen = set(self.skipped)
+                self.skipped += [n for n in dict.fromkeys(names) if n in self._drop and n not in seen]
         if rows is not None:
             index_t = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
             x, y = x.index_select(0, index_t), y.index_select(0, index_t)
@@ -418,10 +454,6 @@ class DaliLoader:
         return x, y
 
     # -- corrupt samples ----------------------------------------------------------------------
-    @property
-    def _skipped_set(self) -> set[str]:
-        return set(self.skipped)
-
     def _locate_corrupt(self, plan: EpochPlan, failed_batch: int, error: RuntimeError) -> None:
         from alexnet_fast.pipeline import dali_pipelines as dp
 
@@ -437,7 +469,7 @@ class DaliLoader:
                 for i in range(len(jpgs)):
                     candidates.setdefault(_source_name(sources.at(i)), np.asarray(jpgs.at(i)))
         del replay
-        bad = [name for name, data in candidates.items() if name not in self._skipped_set and not _decodes(data)]
+        bad = [name for name, data in candidates.items() if name not in self._drop and not _decodes(data)]
         where = f"rank {self.spec.rank}, {self.spec.split} epoch {self.epoch}, batch {failed_batch}"
         if not bad:
             first_line = next((ln for ln in str(error).splitlines() if "failure" in ln or "rror" in ln), str(error))
@@ -446,36 +478,62 @@ class DaliLoader:
         if self.spec.on_corrupt == "error":
             names = ", ".join(f"shard {tar}, key {key}" for tar, key in (n.rsplit(":", 1) for n in bad))
             raise CorruptSampleError(f"corrupt JPEG ({names}) at {where}: re-make that shard, or pass "
-                                     f"on_corrupt='skip' to skip and count corrupt samples") from None
+                                     f"--on-corrupt skip to skip and count corrupt samples") from None
         for name in bad:
             self._skip(name)
 
     def _skip(self, name: str) -> None:
-        """Point the corrupt sample's jpg at another sample of its tar in a patched index copy."""
+        """Leave out a corrupt sample: point it at another sample of its tar in a patched index copy."""
         tar, key = name.rsplit(":", 1)
-        if self._patch_dir is None:
-            self._patch_dir = tempfile.TemporaryDirectory(prefix="alexnet-fast-idx-")
         shard = next(s for s in self.shard_set.shards(self.spec.split) if str(s.tar) == tar)
-        source = self._patched.get(tar, shard.index)
-        header, *lines = Path(source).read_text().splitlines()
-        rows = [line.split() for line in lines]
-        bad_keys = {n.rsplit(":", 1)[1] for n in self.skipped + [name] if n.rsplit(":", 1)[0] == tar}
-        donor = next((r for r in rows if _row_key(r) not in bad_keys), None)
-        if donor is None:
-            raise CorruptSampleError(f"every sample of shard {tar} is corrupt: re-make that shard")
-        for row in rows:
-            if _row_key(row) == key:
-                j, d = row.index("jpg"), donor.index("jpg")
-                row[j + 1:j + 3] = donor[d + 1:d + 3]
-        patched = Path(self._patch_dir.name) / (Path(tar).name + ".idx")
-        patched.write_text("\n".join([header] + [" ".join(r) for r in rows]) + "\n")
-        self._patched[tar] = patched
+        header, rows = self._patches.rows(shard.tar, shard.index)
+        try:
+            self._patches.redirect(shard.tar, header, rows, {key})
+        except LookupError:
+            raise CorruptSampleError(f"every sample of shard {tar} is corrupt: re-make that shard") from None
+        self._drop.add(name)
         self.skipped.append(name)
 
+    def _work_around(self, damage: ShardDamage) -> None:
+        """on_corrupt="skip" and a shard missing its .idx or its tail: rebuild the index from the
+        tar, point the lost samples at a donor, drop them from batches (see index_patches.py)."""
+        shard = damage.shard
+        if damage.index_missing:
+            rows = index_from_tar(shard.tar)
+            if len(rows) > shard.samples or (len(rows) < shard.samples and not damage.cut_short):
+                raise CorruptSampleError(f"shard {shard.tar} holds {len(rows)} samples, the manifest says "
+                                         f"{shard.samples}: re-make that shard")
+            template = rows[0] if rows else ["jpg", "0", "0", "x.jpg"]
+            placeholders = [f"lost{n}" for n in range(shard.samples - len(rows))]   # keep the sample count
+            rows += [[f for i in range(0, len(template), 4) for f in (template[i], "0", "0", f"{key}.{template[i]}")]
+                     for key in placeholders]
+            header = f"v1.2 {shard.samples}"
+        else:
+            header, rows = read_index(shard.index)
+            placeholders = []
+        lost = {row_key(r) for r in rows if not row_fits(r, damage.tar_size)} | set(placeholders)
+        if lost:
+            try:
+                self._patches.redirect(shard.tar, header, rows, lost)
+            except LookupError:
+                raise CorruptSampleError(f"{damage.describe()}, with no intact sample left: re-make that shard") from None
+        else:                       # only the index was missing: the rebuilt one, unpatched
+            self._patches.redirect(shard.tar, header, rows, set())
+        names = {f"{shard.tar}:{key}" for key in lost}
+        self._drop |= names
+        self._lost |= names
+        self._lost_rows[str(shard.tar)] = [i for i, r in enumerate(rows) if row_key(r) in lost]
+        what = "rebuilt from the tar" if damage.index_missing else ""
+        self.notes.append(f"{damage.describe()}: " + ", ".join(filter(None, [
+            what, f"{len(lost)} lost sample(s) skipped" if lost else ""])))
 
-def _row_key(row: list[str]) -> str:
-    """The sample key of one .idx line (`ext offset size name` groups)."""
-    return row[3].split(".", 1)[0]
+    def _lost_in_range(self) -> int:
+        """Val: how many lost samples fall into this rank's part of the split (manifest order)."""
+        count, offset = 0, 0
+        for shard in self._plan.shards:
+            count += sum(self._plan.start <= offset + i < self._plan.stop for i in self._lost_rows.get(str(shard.tar), ()))
+            offset += shard.samples
+        return count
 
 
 def _source_name(info) -> str:

@@ -89,20 +89,32 @@ def test_training_stops_naming_the_corrupt_sample(damaged_train_set, tmp_path):
     assert "Traceback" not in done.stderr
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("alexnet-fast: error: corrupt JPEG")
-    assert f"{data / shard}, key {key}" in error and "on_corrupt" in error
+    assert f"{data / shard}, key {key}" in error and "--on-corrupt skip" in error
 
 
-@pytest.mark.parametrize("damage,on_corrupt,says", [
-    (cut_the_tar_short, "error", "is cut short"),
-    (remove_the_index, "skip", "index train-000001.idx of shard"),   # skip cannot invent a lost index
+@pytest.mark.parametrize("damage,says", [
+    (cut_the_tar_short, "is cut short"),
+    (remove_the_index, "index train-000001.idx of shard"),
 ], ids=["cut-tar", "missing-index"])
-def test_training_on_a_shard_missing_parts_stops_naming_it(damage, on_corrupt, says, train_set, tmp_path):
+def test_training_on_a_shard_missing_parts_stops_naming_it(damage, says, train_set, tmp_path):
     out = tmp_path / "set"
     shutil.copytree(train_set, out)
     damage(out)
-    done = run([*TRAIN, "--data", str(out), "--out", str(tmp_path / "run"), "--on-corrupt", on_corrupt], timeout=300)
+    done = run([*TRAIN, "--data", str(out), "--out", str(tmp_path / "run")], timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("alexnet-fast: error: ") and says in error and str(out / SHARD) in error
-    assert "verify" in error
+    assert "verify" in error and "--on-corrupt skip" in error
+
+
+def test_training_with_skip_goes_on_past_a_cut_short_shard_and_says_so(train_set, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    key = cut_the_tar_short(out)
+    done = run([*TRAIN, "--data", str(out), "--out", str(tmp_path / "run"), "--on-corrupt", "skip"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1, done.stderr
+    assert f"shard {out / SHARD} is cut short" in warnings[0] and f"samples from key {key} on are lost" in warnings[0]
+    assert "lost sample(s) skipped" in warnings[0]
