@@ -196,3 +196,28 @@ def test_corrupt_val_sample_skipped_keeps_the_rest_exactly_once(shard_set, tmp_p
     names = [n for batch in loader for n in batch[2]]
     expected = {n.replace(str(shard_set), str(copy)) for n in samples if "/val-" in n} - {name}
     assert sorted(names) == sorted(expected) and loader.num_samples == len(expected)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_the_gpu_graph_is_well_formed_without_a_gpu(shard_set, split):
+    """The GPU branch (mixed decoder, GPU crop/mirror/normalize, ten-crop stack, labels moved to the
+    device) cannot run without CUDA, but DALI checks every operator's argument names and the device
+    placement of its inputs when the Python graph is defined, which needs no device: a misspelt
+    argument or a CPU operator fed GPU data fails here. `_build_graph` is the graph-definition half
+    of `build()`, without the backend that needs CUDA (private DALI API, hence only in this test)."""
+    from alexnet_fast.pipeline import dali_pipelines as dp
+
+    loader = make_loader(LoaderSpec(data=str(shard_set), split=split, batch_size=8))
+    reader = loader._reader_config(loader._plan)
+    out = dp.OutputConfig(fp16=True, channels_last=True)
+    args = dict(batch_size=8, num_threads=1, device_id=0, seed=1)
+    if split == "train":
+        pipe = dp.train_pipeline(reader, dp.DecodeConfig(on_gpu=True), out, loader.stats, enable_checkpointing=True,
+                                 **args)
+    else:
+        pipe = dp.val_pipeline(reader, dp.DecodeConfig(on_gpu=True), out, loader.stats, ten_crop=True, **args)
+    pipe._build_graph()
+    images, labels, sources = pipe._graph_outputs
+    assert (images.device, labels.device, sources.device) == ("gpu", "gpu", "cpu")
+    decoder = next(op for op in pipe._ops if repr(op.spec).startswith("OpSpec for decoders__Image"))
+    assert "device: mixed" in repr(decoder.spec) and "hw_decoder_load: 0.75" in repr(decoder.spec)
