@@ -68,6 +68,8 @@ class TrainConfig:
     workers: int = _f(4, "loader threads/workers per rank")
     lighting_std: float = _f(0.1, "PCA lighting alpha ~ N(0, std); 0 disables")
     on_corrupt: str = _f("error", "a corrupt sample: stop with its name, or skip and count it", choices=("error", "skip"))
+    verify_shards: bool = _f(False, "first hash every shard against the manifest (reads the set once) to catch "
+                                    "images that changed but still decode; --on-corrupt applies to them")
     # --- devices and speed
     device: str = _f("auto", "auto = cuda when available", choices=("auto", "cuda", "cpu"))
     gpus: int = _f(0, "GPUs (one process each); 0 = every visible GPU")

@@ -268,6 +268,34 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
     return train, val
 
 
+def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, loaders: list) -> None:
+    """--verify-shards: hash the shards against the manifest (each rank a share of them, then all
+    ranks learn every finding); samples whose bytes changed stop the run, or with --on-corrupt skip
+    are left out of `loaders` and counted like corrupt ones."""
+    from alexnet_fast.pipeline.integrity import check_shards
+    from alexnet_fast.pipeline.shardset import ShardSet
+
+    shard_set = ShardSet.open(cfg.data)
+    shards = [s for split in ("train", "val") if shard_set.has_split(split) for s in shard_set.shards(split)]
+    started = time.perf_counter()
+    mine = check_shards(shards[ctx.rank::ctx.world_size], workers=cfg.workers)
+    checks = [c for share in D.all_gather_objects(mine) for c in share if not c.matches]
+    say(ctx, f"--verify-shards: {len(shards)} shards hashed in {time.perf_counter() - started:.1f} s, "
+             f"{len(checks)} differ from the manifest")
+    changed = [f"{c.shard.tar}:{key}" for c in checks for key in c.changed]
+    if changed and cfg.on_corrupt == "error":
+        first = next(c for c in checks if c.changed)
+        raise TrainingError(f"{first.describe()}: re-make that shard, or pass --on-corrupt skip to leave such "
+                            f"samples out")
+    for check in checks:
+        if ctx.is_main:
+            print(f"alexnet-fast train: warning: {check.describe()}"
+                  + (": left out (--on-corrupt skip)" if check.changed else ""), file=sys.stderr, flush=True)
+    if changed:
+        for loader in loaders:
+            loader.exclude(changed)
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
     """SGD with momentum; optionally no weight decay on biases/normalization weights (1-D tensors),
     which only shrinks them towards zero without regularizing anything useful."""
@@ -447,6 +475,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     if ctx.is_main:     # --on-corrupt skip went on past damaged shards: say which, once
         for note in train_loader.notes + (val_loader.notes if val_loader is not None else []):
             print(f"alexnet-fast train: warning: {note}", file=sys.stderr, flush=True)
+    if cfg.verify_shards:
+        exclude_changed_samples(cfg, ctx, [loader for loader in (train_loader, val_loader) if loader is not None])
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has fewer than {per_rank_batch} images per rank: "

@@ -43,6 +43,7 @@ class _EpochSamples(torch.utils.data.IterableDataset):
     spec: LoaderSpec
     plan: EpochPlan
     stats: ColorStats
+    excluded: frozenset[str] = frozenset()
 
     def __post_init__(self):
         super().__init__()
@@ -61,6 +62,9 @@ class _EpochSamples(torch.utils.data.IterableDataset):
             if full == 0:
                 return
         for sample in samples:
+            if self.excluded and f"{sample['__url__']}:{sample['__key__']}" in self.excluded:
+                skipped.append(f"{sample['__url__']}:{sample['__key__']}")
+                continue
             try:
                 pixels = decode_rgb(sample["jpg"])
             except Exception as e:  # noqa: BLE001 -- PIL raises several types for a broken file
@@ -136,6 +140,7 @@ class BaselineLoader:
         self.shard_set = shard_set
         self.stats = ColorStats.from_dict(shard_set.stats())
         self.skipped: list[str] = []
+        self._excluded: frozenset[str] = frozenset()   # "<tar>:<key>" left out (exclude)
         self._first = 0                 # the batch the next iteration starts at (resume)
         self._done = 0                  # batches of the current epoch handed out
         self.set_epoch(0)
@@ -176,11 +181,14 @@ class BaselineLoader:
     def state_dict(self) -> dict:
         return {"kind": "baseline", "epoch": self.epoch, "batches": self._done}
 
+    def exclude(self, names: list[str]) -> None:
+        self._excluded = self._excluded | frozenset(names)
+
     def __iter__(self):
         on_gpu = self.spec.device == "cuda"
         device = torch.device("cuda", self.spec.device_id) if on_gpu else torch.device("cpu")
         loader = torch.utils.data.DataLoader(
-            _EpochSamples(self.spec, self._plan, self.stats), batch_size=None, num_workers=self.spec.workers,
+            _EpochSamples(self.spec, self._plan, self.stats, self._excluded), batch_size=None, num_workers=self.spec.workers,
             pin_memory=on_gpu, prefetch_factor=self.spec.prefetch, persistent_workers=False)
         done, first = 0, self._first
         self._first = self._done = 0

@@ -108,6 +108,8 @@ class Loader(Protocol):
 
     def state_dict(self) -> dict: ...          # where this rank is in its epoch, between two batches
 
+    def exclude(self, names: list[str]) -> None: ...   # leave these "<tar>:<key>" samples out, skipped and counted
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
@@ -301,8 +303,8 @@ class DaliLoader:
         self.notes: list[str] = []              # one line per damaged shard worked around (on_corrupt="skip")
         self._patches = IndexPatches()          # index copies that point skipped samples at a donor
         self._drop: set[str] = set()            # names whose rows are dropped: corrupt and lost samples
-        self._lost: set[str] = set()            # names of the samples cut-short tars lost
-        self._lost_rows: dict[str, list[int]] = {}   # tar path -> positions of its lost samples
+        self._left_out: set[str] = set()        # names left out from the start: lost to a cut, or excluded
+        self._left_out_rows: dict[str, set[int]] = {}   # tar path -> positions of those samples in it
         self._plan = EpochPlan.make(spec, shard_set, 0)
         for damage in damaged:
             self._work_around(damage)
@@ -316,8 +318,8 @@ class DaliLoader:
     def num_samples(self) -> int:
         if self.spec.split == "train":
             return self._plan.num_samples
-        corrupt = sum(name not in self._lost for name in self.skipped)
-        return self._plan.num_samples - corrupt - self._lost_in_range()
+        found_later = sum(name not in self._left_out for name in self.skipped)
+        return self._plan.num_samples - found_later - self._left_out_in_range()
 
     @property
     def num_skipped(self) -> int:
@@ -512,26 +514,43 @@ class DaliLoader:
             header, rows = read_index(shard.index)
             placeholders = []
         lost = {row_key(r) for r in rows if not row_fits(r, damage.tar_size)} | set(placeholders)
-        if lost:
-            try:
-                self._patches.redirect(shard.tar, header, rows, lost)
-            except LookupError:
-                raise CorruptSampleError(f"{damage.describe()}, with no intact sample left: re-make that shard") from None
-        else:                       # only the index was missing: the rebuilt one, unpatched
-            self._patches.redirect(shard.tar, header, rows, set())
-        names = {f"{shard.tar}:{key}" for key in lost}
-        self._drop |= names
-        self._lost |= names
-        self._lost_rows[str(shard.tar)] = [i for i, r in enumerate(rows) if row_key(r) in lost]
+        try:        # (no lost sample: only the index was missing, the rebuilt one is written as it is)
+            self._leave_out(shard, header, rows, lost)
+        except LookupError:
+            raise CorruptSampleError(f"{damage.describe()}, with no intact sample left: re-make that shard") from None
         what = "rebuilt from the tar" if damage.index_missing else ""
         self.notes.append(f"{damage.describe()}: " + ", ".join(filter(None, [
             what, f"{len(lost)} lost sample(s) skipped" if lost else ""])))
 
-    def _lost_in_range(self) -> int:
-        """Val: how many lost samples fall into this rank's part of the split (manifest order)."""
+    def exclude(self, names: list[str]) -> None:
+        """Leave these samples ("<tar>:<key>") out from now on, skipped and counted when their rows
+        are dropped: the samples `train --verify-shards` found changed since make_shards."""
+        by_tar: dict[str, set[str]] = {}
+        for name in names:
+            tar, key = name.rsplit(":", 1)
+            by_tar.setdefault(tar, set()).add(key)
+        for shard in self.shard_set.shards(self.spec.split):
+            keys = by_tar.get(str(shard.tar))
+            if keys:
+                header, rows = self._patches.rows(shard.tar, shard.index)
+                try:
+                    self._leave_out(shard, header, rows, keys)
+                except LookupError:
+                    raise CorruptSampleError(f"every sample of shard {shard.tar} is damaged: re-make that shard") from None
+
+    def _leave_out(self, shard: ShardFile, header: str, rows: list[Row], keys: set[str]) -> None:
+        self._patches.redirect(shard.tar, header, rows, keys)
+        names = {f"{shard.tar}:{key}" for key in keys}
+        self._drop |= names
+        self._left_out |= names
+        self._left_out_rows.setdefault(str(shard.tar), set()).update(i for i, r in enumerate(rows) if row_key(r) in keys)
+
+    def _left_out_in_range(self) -> int:
+        """Val: how many samples left out from the start fall into this rank's part (manifest order)."""
         count, offset = 0, 0
         for shard in self._plan.shards:
-            count += sum(self._plan.start <= offset + i < self._plan.stop for i in self._lost_rows.get(str(shard.tar), ()))
+            rows = self._left_out_rows.get(str(shard.tar), ())
+            count += sum(self._plan.start <= offset + i < self._plan.stop for i in rows)
             offset += shard.samples
         return count
 

@@ -112,3 +112,45 @@ def test_the_baseline_loader_refuses_to_skip_a_cut_short_tar(damaged_copy):
     _cut_inside_sample(tar, KEEP)
     with pytest.raises(CorruptSampleError, match="the baseline loader cannot skip them; use the DALI loader"):
         make_loader(LoaderSpec(data=str(damaged_copy), kind="baseline", on_corrupt="skip"))
+
+
+def _flip_bytes_in_jpeg(tar, index: int) -> str:
+    """8 bytes inverted mid-way through a JPEG's entropy-coded data: it still decodes, to wrong pixels."""
+    with tarfile.open(tar) as archive:
+        member = [m for m in archive if m.name.endswith(".jpg")][index]
+    data = bytearray(tar.read_bytes())
+    for i in range(8):
+        data[member.offset_data + member.size // 2 + i] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return member.name.split(".")[0]
+
+
+def test_shard_check_names_the_samples_whose_bytes_changed(damaged_copy):
+    from alexnet_fast.pipeline.integrity import check_shards
+    from alexnet_fast.pipeline.shardset import ShardSet
+
+    key = _flip_bytes_in_jpeg(damaged_copy / f"{TRAIN_SHARD}.tar", 3)
+    manifest = damaged_copy / "manifest.json"
+    manifest.write_text(manifest.read_text().replace(ShardSet.open(damaged_copy).shards("val")[0].sha256, "0" * 64))
+    shards = ShardSet.open(damaged_copy)
+    checks = check_shards(shards.shards("train") + shards.shards("val"), workers=2)
+    differ = {c.shard.tar.stem: c.changed for c in checks if not c.matches}
+    assert differ == {TRAIN_SHARD: (key,), VAL_SHARD: ()}    # val: only the manifest changed
+
+
+def test_excluded_samples_are_left_out_and_counted(damaged_copy):
+    tar = damaged_copy / f"{VAL_SHARD}.tar"
+    keys = _keys(tar)
+    names = [f"{tar}:{keys[2]}", f"{tar}:{keys[11]}"]
+    seen = []
+    for rank in range(2):
+        loader = _loader(damaged_copy, split="val", rank=rank, world_size=2)
+        loader.exclude(names)
+        rank_names, images = _epoch(loader)
+        assert len(rank_names) == loader.num_samples == images.shape[0]
+        seen += rank_names
+        assert len(loader.skipped) == 1            # one of the two falls into each rank's half
+    assert sorted(seen) == sorted(f"{tar}:{k}" for k in keys if f"{tar}:{k}" not in names)
+    baseline = make_loader(LoaderSpec(data=str(damaged_copy), split="val", kind="baseline", batch_size=8, workers=1))
+    baseline.exclude(names)
+    assert sum(len(y) for _, y in baseline) == len(keys) - 2 and sorted(baseline.skipped) == sorted(names)

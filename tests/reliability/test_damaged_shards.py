@@ -118,3 +118,25 @@ def test_training_with_skip_goes_on_past_a_cut_short_shard_and_says_so(train_set
     assert len(warnings) == 1, done.stderr
     assert f"shard {out / SHARD} is cut short" in warnings[0] and f"samples from key {key} on are lost" in warnings[0]
     assert "lost sample(s) skipped" in warnings[0]
+
+
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_verify_shards_catches_a_jpeg_that_changed_but_still_decodes(on_corrupt, train_set, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    key = flip_bytes_inside_a_jpeg(out)
+    run_dir = tmp_path / "run"
+    done = run([*TRAIN, "--data", str(out), "--out", str(run_dir), "--verify-shards", "--on-corrupt", on_corrupt],
+               timeout=300)
+    assert "Traceback" not in done.stderr
+    named = f"shard {out / SHARD}: sample(s) {key} changed since make_shards wrote them"
+    if on_corrupt == "error":
+        assert done.returncode == 1, done.stderr[-3000:]
+        error = done.stderr.strip().splitlines()[-1]
+        assert error.startswith("alexnet-fast: error: ") and named in error and "--on-corrupt skip" in error
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any(named in line and "left out" in line for line in done.stderr.splitlines() if "warning:" in line)
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "val_top1" in line]
+    assert [r.get("skipped_samples") for r in epochs] == [1]     # all 8 samples are drawn in the one epoch
