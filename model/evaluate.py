@@ -6,17 +6,23 @@ accuracy over the whole split: no image dropped, none counted twice.
 
 Ten-crop batches ([B, 10, 3, H, W]: four corners + centre, each also flipped) are scored by
 averaging the ten softmax distributions per image, as in the paper.
+
+`run_evaluation(EvalConfig(...))` scores a checkpoint the way `alexnet-fast eval` does, over the
+same ranks as training: one process per GPU (or `nproc` CPU processes over gloo) started through
+model.distributed's launcher, or the ranks of an outer torchrun. Each rank reads its own part of
+the val split and `evaluate` sums the counts, so every rank ends with the whole split's accuracy.
 """
 from __future__ import annotations
 
 import contextlib
+import pickle
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from alexnet_fast.model.distributed import all_reduce_sum
+from alexnet_fast.model import distributed as D
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
              device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
              channels_last: bool = False) -> EvalResult:
     """Accuracy of `model` (unwrapped: no DDP collectives, so ranks may see unequal batch counts)
-    over `batches`, summed over every rank. Counts stay on the device until the end: one sync."""
+    over `batches`, summed over every rank. Counts stay on the device until the end: one sync.
+
+    Collective: every rank must call it. A rank whose batches fail (a corrupt sample) still joins
+    the final all-reduce, flagging the failure, so the other ranks raise the same error instead of
+    waiting for it forever."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -53,19 +63,142 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     seen = torch.zeros((), dtype=torch.int64, device=device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True).long()
-        with autocast:
-            scores = class_scores(model, images, channels_last)
-        k = min(5, scores.shape[1])
-        hit = scores.topk(k, dim=1).indices == labels[:, None]
-        hits1 += hit[:, 0].sum()
-        hits5 += hit.any(dim=1).sum()
-        seen += labels.numel()
-    counts = all_reduce_sum(torch.stack([hits1, hits5, seen])).tolist()
-    model.train(was_training)
+    failure: Exception | None = None
+    try:
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True).long()
+            with autocast:
+                scores = class_scores(model, images, channels_last)
+            k = min(5, scores.shape[1])
+            hit = scores.topk(k, dim=1).indices == labels[:, None]
+            hits1 += hit[:, 0].sum()
+            hits5 += hit.any(dim=1).sum()
+            seen += labels.numel()
+    except Exception as e:
+        if not D.dist.is_initialized():
+            raise
+        failure = e
+    finally:
+        model.train(was_training)
+    failed = torch.tensor(int(failure is not None), dtype=torch.int64, device=device)
+    counts = D.all_reduce_sum(torch.stack([hits1, hits5, seen, failed])).tolist()
+    if counts[3]:
+        raise _first_failure(failure)
     images_total = int(counts[2])
     if images_total == 0:
         return EvalResult(0.0, 0.0, 0)
     return EvalResult(counts[0] / images_total, counts[1] / images_total, images_total)
+
+
+def _first_failure(own: Exception | None) -> Exception:
+    """This rank's own error, or (on a rank whose batches were fine) the lowest failing rank's,
+    sent over as a pickle. Collective: called by every rank once the all-reduce flagged a failure."""
+    def portable(error: Exception) -> Exception:
+        try:
+            return pickle.loads(pickle.dumps(error))
+        except Exception:       # an exception that cannot travel: its type and message do
+            return RuntimeError(f"{type(error).__name__}: {error}")
+
+    errors = D.all_gather_objects(None if own is None else portable(own))
+    return own if own is not None else next(e for e in errors if e is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# a checkpoint over the whole val split, on every rank (`alexnet-fast eval`)
+# --------------------------------------------------------------------------------------------
+class EvalError(Exception):
+    """The evaluation cannot run (unusable checkpoint or shard set); the message is one line."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str                       # shard set directory: its val split is scored
+    checkpoint: str                 # a checkpoint file or a run directory (its newest good one)
+    ten_crop: bool = False
+    batch_size: int = 64            # images per batch on each rank (accuracy does not depend on it)
+    device: str = "auto"            # auto = cuda when a GPU is visible
+    loader: str = "dali"
+    workers: int = 4                # loader threads/workers per rank
+    gpus: int = 0                   # GPU ranks on this node; 0 = every visible GPU
+    nproc: int = 1                  # CPU ranks (gloo)
+    on_corrupt: str = "error"       # a JPEG that does not decode: stop naming it, or "skip" and count it
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """What a rank hands back: the whole split's accuracy, or a one-line error."""
+    result: EvalResult | None
+    error: str | None = None
+    skipped: int = 0                # corrupt samples left out (on_corrupt="skip"), over every rank
+
+
+def run_evaluation(cfg: EvalConfig) -> EvalRun:
+    """Score cfg.checkpoint on the val split: in this process, in the workers this starts (one per
+    GPU / `nproc` on the CPU), or as one rank of an outer torchrun. Returns rank 0's EvalRun (under
+    an outer torchrun: this rank's, which holds the same all-reduced numbers)."""
+    if D.under_launcher():
+        return eval_worker(cfg)
+    workers = D.local_world_size(D.resolve_device(cfg.device), cfg.gpus, cfg.nproc)
+    if workers <= 1:
+        return eval_worker(cfg)
+    return D.launch(eval_worker, workers, (cfg,))[0]
+
+
+def eval_worker(cfg: EvalConfig) -> EvalRun:
+    """Entry point of every rank. Errors the user can act on come back as EvalRun(error=one line)
+    instead of a traceback (the launcher would print the worker's traceback otherwise)."""
+    from alexnet_fast.model.checkpoint import CheckpointError
+    from alexnet_fast.pipeline.loaders import CorruptSampleError
+    from alexnet_fast.pipeline.shardset import ShardSetError
+
+    ctx = D.setup(D.resolve_device(cfg.device))
+    try:
+        return evaluate_checkpoint(cfg, ctx)
+    except (EvalError, CheckpointError, ShardSetError, CorruptSampleError) as e:
+        return EvalRun(None, str(e))
+    finally:
+        D.teardown()
+
+
+def evaluate_checkpoint(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
+    """This rank's part of the evaluation, with the trainer's per-epoch rules: the val loader's
+    rank split, the trainer's precision and image layout on a GPU, `evaluate`'s all-reduce."""
+    from tqdm import tqdm
+
+    from alexnet_fast.model import checkpoint as ckpt
+    from alexnet_fast.model.alexnet import build_model
+    from alexnet_fast.model.train import AUTOCAST_DTYPES, resolve_precision
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+
+    state, _ = ckpt.load_checkpoint(cfg.checkpoint)
+    model = build_model(state["arch"], state["num_classes"]).to(ctx.device)
+    model.load_state_dict(state["model"])
+    del state                       # the optimizer state can be as large as the weights
+    on_gpu = ctx.device.type == "cuda"
+    precision = resolve_precision("auto", ctx.device.type)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        val = make_loader(LoaderSpec(
+            data=cfg.data, split="val", kind=cfg.loader, batch_size=cfg.batch_size, rank=ctx.rank,
+            world_size=ctx.world_size, device=ctx.device.type, device_id=ctx.local_rank, workers=cfg.workers,
+            ten_crop=cfg.ten_crop, channels_last=on_gpu,
+            dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
+            on_corrupt=cfg.on_corrupt, borrow_buffers=True))   # `evaluate` is done with each batch before asking for the next
+    except ValueError as e:         # the loader's one-line complaints about the spec or the shard set
+        raise EvalError(str(e)) from None
+    progress = tqdm(total=val.num_samples, unit="img", disable=not ctx.is_main, dynamic_ncols=True,
+                    leave=False, desc=f"eval (rank 0 of {ctx.world_size})" if ctx.is_distributed else "eval")
+
+    def counted(batches):
+        for images, labels in batches:
+            yield images, labels
+            progress.update(labels.shape[0])
+
+    try:
+        result = evaluate(model, counted(val), ctx.device, AUTOCAST_DTYPES[precision], channels_last=on_gpu)
+    finally:
+        progress.close()
+    skipped = D.all_reduce_sum(torch.tensor(getattr(val, "num_skipped", 0), device=ctx.device)).item()
+    return EvalRun(result, skipped=int(skipped))

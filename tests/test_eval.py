@@ -1,7 +1,12 @@
-"""Evaluation: ten-crop averaging, whole-split counting, and `alexnet-fast eval` on a checkpoint."""
+"""Evaluation: ten-crop averaging, whole-split counting, and `alexnet-fast eval` on a checkpoint,
+in one process and over two (self-launched, and under an outer torchrun)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,10 +19,52 @@ from alexnet_fast.pipeline.shardset import ShardSet
 from alexnet_fast.tools.cli import main, run_command
 
 
+EVAL = [sys.executable, "-m", "alexnet_fast.tools.cli", "eval"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "alexnet_fast.tools.cli", "eval"]
+
+
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model("alexnet-owt", 4).eval()
+def model(shard_set):
+    """A random alexnet-owt whose output layer is centred on the val images' features. A plain
+    random network calls every image the same class (its top-1 is one class's share, whichever
+    images it sees); centred, its top-1 depends on which images it scores, so a count that drops
+    one image or scores another twice shows."""
+    torch.manual_seed(2)      # a seed whose top-1 differs between the two halves of the val split
+    net = build_model("alexnet-owt", 4).eval()
+    head = net.classifier[6]
+    features = []
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        for images, _ in make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=16, workers=1)):
+            net(images)
+        hook.remove()
+        head.bias.copy_(-head.weight @ torch.cat(features).mean(dim=0))
+    return net
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    """`model` saved as a run directory's checkpoint (written once: ~220 MB)."""
+    run = tmp_path_factory.mktemp("eval_run")
+    ckpt.save_checkpoint({"model": model.state_dict(), "epoch": 1, "step": 10, "arch": "alexnet-owt",
+                          "num_classes": 4}, run)
+    return run / ckpt.LAST
+
+
+def _eval_in_process(args: list[str], capsys) -> dict:
+    """`alexnet-fast eval ... --json` in this process (one rank): the printed JSON."""
+    with pytest.raises(SystemExit) as done:
+        run_command(main, "alexnet-fast", ["eval", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    assert done.value.code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def _eval_in_processes(command: list[str], args: list) -> subprocess.CompletedProcess:
+    # one thread per rank: the two ranks share the 2-core CI machine
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_ten_crop_scores_average_the_softmax_of_the_ten_views(model):
@@ -42,17 +89,12 @@ def test_ten_crop_evaluation_covers_the_val_split_once(model, shard_set):
     assert result.top5 == 1.0
 
 
-def test_eval_command_reports_the_checkpoint_accuracy_as_json(model, shard_set, tmp_path, capsys):
+def test_eval_command_reports_the_checkpoint_accuracy_as_json(model, shard_set, checkpoint, capsys):
     """The CLI loads the checkpoint's weights and scores the whole val split: its numbers must be
     those of evaluate() on the same weights, and a model that is wrong on purpose scores 0."""
     shards = ShardSet.open(shard_set)
-    ckpt.save_checkpoint({"model": model.state_dict(), "epoch": 1, "step": 10, "arch": "alexnet-owt",
-                          "num_classes": 4}, tmp_path)
-    with pytest.raises(SystemExit) as done:
-        run_command(main, "alexnet-fast", ["eval", "--data", str(shard_set), "--checkpoint", str(tmp_path),
-                                           "--json", "--device", "cpu", "--workers", "1"])
-    assert done.value.code == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = _eval_in_process(["--data", shard_set, "--checkpoint", checkpoint.parent, "--device", "cpu",
+                                "--workers", "1"], capsys)
     val = make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=7, workers=1))
     assert printed == evaluate(model, val).as_dict()
     assert printed["images"] == shards.num_samples("val")
@@ -65,3 +107,63 @@ def test_eval_command_reports_the_checkpoint_accuracy_as_json(model, shard_set, 
         head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
     labels = [int(label) for _, batch in val for label in batch]
     assert evaluate(fixed, val).top1 == pytest.approx(labels.count(0) / len(labels))
+
+
+@pytest.mark.parametrize("ten_crop, launcher", [(False, EVAL), (True, TORCHRUN)], ids=["centre-self-launched",
+                                                                                    "ten-crop-under-torchrun"])
+def test_two_processes_score_exactly_what_one_process_scores(ten_crop, launcher, model, shard_set, checkpoint,
+                                                             capsys):
+    """Two CPU ranks (gloo) each read half of the val split and sum their counts: the same top-1,
+    top-5 and image count as one process, to the last bit. Started both ways a run starts: `--nproc
+    2` (the command launches its own workers) and an outer torchrun (the command joins its ranks);
+    either way one JSON line is printed, by rank 0 alone. Batch 3 gives each rank a ragged last
+    batch (8 images: 3 + 3 + 2), whose trimmed padding must not be counted."""
+    args = ["--data", shard_set, "--checkpoint", checkpoint, "--device", "cpu", "--workers", "1",
+            "--batch-size", 3, *(["--ten-crop"] if ten_crop else [])]
+    one = _eval_in_process(args, capsys)
+    assert one["images"] == ShardSet.open(shard_set).num_samples("val") == 16
+    # The halves score differently, so two ranks reading the same half could not pass for one process.
+    halves = [evaluate(model, make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=8, workers=1,
+                                                     ten_crop=ten_crop, rank=rank, world_size=2)))
+              for rank in (0, 1)]
+    assert [h.images for h in halves] == [8, 8] and halves[0].top1 != halves[1].top1
+    two = _eval_in_processes(launcher, [*args, "--json", *(["--nproc", 2] if launcher is EVAL else [])])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [json.loads(line) for line in two.stdout.splitlines()] == [one]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--nproc", "0", "0 is not in the range x>=1"),
+                                                  ("--nproc", "two", "'two' is not a valid integer"),
+                                                  ("--gpus", "-1", "-1 is not in the range x>=0")])
+def test_bad_process_counts_are_one_line_exit_2(flag, value, message, shard_set, checkpoint, capsys):
+    with pytest.raises(SystemExit) as done:
+        run_command(main, "alexnet-fast", ["eval", "--data", str(shard_set), "--checkpoint", str(checkpoint),
+                                           "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and flag in err, err
+
+
+def test_a_corrupt_sample_on_one_rank_stops_both_with_its_name_or_is_skipped(shard_set, checkpoint, tmp_path):
+    """Rank 1 hits a JPEG that does not decode while rank 0's half is fine: rank 0 must not wait for
+    rank 1's counts forever. Both stop; rank 0 prints rank 1's error, naming the sample: one line,
+    exit 1. With --on-corrupt skip the other 15 images are scored and the skip is said."""
+    from reliability.faults import damage_jpeg
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shard_set, damaged)
+    val = ShardSet.open(damaged).shards("val")[0]
+    key = damage_jpeg(val.tar, val.index, row=12)           # in rank 1's half: samples 8..15
+    args = ["--data", damaged, "--checkpoint", checkpoint, "--device", "cpu", "--workers", "1", "--nproc", 2,
+            "--batch-size", 4]
+    stopped = _eval_in_processes(EVAL, args)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert stopped.stdout == ""
+    error = [line for line in stopped.stderr.splitlines() if line.startswith("alexnet-fast: error:")]
+    assert len(error) == 1 and key in error[0] and "rank 1" in error[0], stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+
+    skipped = _eval_in_processes(EVAL, [*args, "--on-corrupt", "skip", "--json"])
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert json.loads(skipped.stdout)["images"] == 15
+    assert "skipped 1 corrupt val image(s)" in skipped.stderr and "Traceback" not in skipped.stderr

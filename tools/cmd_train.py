@@ -10,13 +10,18 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from alexnet_fast.model.config import TrainConfig, config_options, resolve_config
 from alexnet_fast.tools.cli import UserError
+
+if TYPE_CHECKING:   # torch-heavy: imported when a command runs, not when the CLI starts
+    from alexnet_fast.model.evaluate import EvalConfig, EvalResult
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -113,14 +118,32 @@ def train_command(config_file: str | None, **flags) -> None:
               help="a checkpoint file, or a run directory (its last good checkpoint)")
 @click.option("--ten-crop", is_flag=True, help="average the softmax of 4 corner + centre crops and their flips")
 @click.option("--json", "as_json", is_flag=True, help='print {"top1": .., "top5": .., "images": ..}')
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="images per batch")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="images per batch in each process")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GPUs (one process each); 0 = every visible GPU")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1), help="CPU mode: processes (gloo)")
 @click.option("--loader", type=click.Choice(["dali", "baseline"]), default="dali", show_default=True)
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="loader threads/workers")
-def eval_command(data, checkpoint_path, ten_crop, as_json, batch_size, device, loader, workers) -> None:
-    """Top-1/top-5 accuracy of a checkpoint over the whole val split, every image exactly once."""
-    result = evaluate_checkpoint(data, checkpoint_path, ten_crop=ten_crop, batch_size=batch_size,
-                                 device=device, loader=loader, workers=workers)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1),
+              help="loader threads/workers per process")
+@click.option("--on-corrupt", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="a val image that does not decode: stop naming it, or skip it (and say how many)")
+def eval_command(data, checkpoint_path, ten_crop, as_json, batch_size, device, gpus, nproc, loader, workers,
+                 on_corrupt) -> None:
+    """Top-1/top-5 accuracy of a checkpoint over the whole val split, every image exactly once.
+
+    Runs on every visible GPU (one process each, --gpus N for fewer) or --device cpu --nproc N
+    processes, or as the ranks of an outer torchrun; each process scores its own part of the val
+    split and the counts are summed. Only rank 0 prints.
+    """
+    from alexnet_fast.model.evaluate import EvalConfig
+
+    cfg = EvalConfig(data=data, checkpoint=checkpoint_path, ten_crop=ten_crop, batch_size=batch_size,
+                     device=device, loader=loader, workers=workers, gpus=gpus, nproc=nproc, on_corrupt=on_corrupt)
+    result = evaluate_checkpoint(cfg)
+    if result is None:      # a rank other than 0 of an outer torchrun: rank 0 prints
+        return
     if as_json:
         click.echo(json.dumps(result.as_dict()))
     else:
@@ -128,37 +151,66 @@ def eval_command(data, checkpoint_path, ten_crop, as_json, batch_size, device, l
                    f"{', ten-crop' if ten_crop else ''})")
 
 
-def evaluate_checkpoint(data: str, checkpoint_path: str, *, ten_crop: bool = False, batch_size: int = 64,
-                        device: str = "auto", loader: str = "dali", workers: int = 4):
+def _check_eval(cfg: "EvalConfig") -> str:
+    """What `eval` needs before any worker starts: a shard set with a val split, the devices asked
+    for, a readable checkpoint with as many classes as the shard set. Returns the checkpoint file
+    (a run directory resolved to its newest good one, so every rank loads the same file)."""
     import torch
 
     from alexnet_fast.model import checkpoint as ckpt
-    from alexnet_fast.model.alexnet import build_model
-    from alexnet_fast.model.distributed import resolve_device
-    from alexnet_fast.model.evaluate import evaluate
-    from alexnet_fast.pipeline.loaders import CorruptSampleError, LoaderSpec, make_loader
+    from alexnet_fast.model import distributed as D
 
-    shards = _open_shards(data)
+    shards = _open_shards(cfg.data)
     if not shards.has_split("val"):
-        raise UserError(f"shard set {data!r} has no val samples to evaluate")
-    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"shard set {cfg.data!r} has no val samples to evaluate")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    if (D.resolve_device(cfg.device) == "cuda" and cfg.gpus > torch.cuda.device_count()
+            and not D.under_launcher()):
+        raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
     try:
-        state, _ = ckpt.load_checkpoint(checkpoint_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state, path = ckpt.load_checkpoint(cfg.checkpoint)
     except ckpt.CheckpointError as e:
         raise UserError(str(e)) from None
+    for warning in caught:      # a damaged last.pt, last.prev.pt used: one plain line, from rank 0
+        if int(os.environ.get("RANK", 0)) == 0:
+            click.echo(f"alexnet-fast eval: warning: {warning.message}", err=True)
     if state["num_classes"] != shards.num_classes:
         raise UserError(f"the checkpoint has {state['num_classes']} classes, the shard set {shards.num_classes}")
-    device = resolve_device(device)
-    model = build_model(state["arch"], state["num_classes"]).to(device)
-    model.load_state_dict(state["model"])
-    on_gpu = device == "cuda"
+    return str(path)
+
+
+def evaluate_checkpoint(cfg: "EvalConfig") -> "EvalResult | None":
+    """Run `cfg` (an alexnet_fast.model.evaluate.EvalConfig) and return the accuracy over the
+    whole val split; None on ranks other than 0 of an outer torchrun. A damaged val shard or a
+    failed worker: one line, exit 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from alexnet_fast.model.evaluate import run_evaluation
+
+    cfg = replace(cfg, checkpoint=_check_eval(cfg))
     try:
-        val = make_loader(LoaderSpec(data=data, split="val", kind=loader, batch_size=batch_size, device=device,
-                                     workers=workers, ten_crop=ten_crop, channels_last=on_gpu))
-        return evaluate(model, val, device, torch.bfloat16 if on_gpu else None, channels_last=on_gpu)
-    except CorruptSampleError as e:     # a damaged val shard: its name in one line, exit 1
-        raise click.ClickException(str(e)) from None
+        run = run_evaluation(cfg)
+    except SignalException as e:
+        raise click.ClickException(f"stopped by signal {e.sigval.name}") from None
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()), None)
+        raise click.ClickException(f"an eval worker failed (exit code {getattr(first, 'exitcode', '?')}); "
+                                   f"its error is printed above") from None
+    rank = int(os.environ.get("RANK", 0))
+    if run.error:
+        if rank == 0:
+            raise click.ClickException(run.error)
+        sys.exit(1)
+    if rank != 0:
+        return None
+    if run.skipped:
+        click.echo(f"alexnet-fast eval: warning: skipped {run.skipped} corrupt val image(s); top-1/top-5 are "
+                   f"over the other {run.result.images}", err=True)
+    return run.result
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +256,7 @@ def demo_command(out_dir: str | None, device: str, loader: str) -> None:
 
 
 def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None) -> dict:
+    from alexnet_fast.model.evaluate import EvalConfig
     from alexnet_fast.tools.sample_data import SampleSpec, write_raw_imagenet
     from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
 
@@ -231,8 +284,8 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
         click.echo(f"demo stopped; rerun `alexnet-fast demo --out {root}` to continue where it stopped")
         return {"val": None, "img_per_s": 0.0, "outcome": "stopped"}
     click.echo("[4/4] evaluating best.pt on the val split")
-    val = evaluate_checkpoint(str(shards_dir), str(run_dir / "best.pt"), batch_size=64, device=device,
-                              loader=loader, workers=2)
+    val = evaluate_checkpoint(EvalConfig(data=str(shards_dir), checkpoint=str(run_dir / "best.pt"), batch_size=64,
+                                         device=device, loader=loader, workers=2))
     throughput = _mean_train_throughput(run_dir / "metrics.jsonl")
     chance = 1.0 / size.classes
     click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
