@@ -44,6 +44,9 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="timed repetitions, median reported [5 GPU, 3 CPU]")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="untimed steps first [10 GPU, 1 CPU]")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="loader threads [8 GPU, 2 CPU]")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the network for the model and end_to_end stages (as train --compile); "
+                   "the warm-up, at least one step, absorbs the compile time")
 @click.option("--stages", callback=_parse_stages, default=None,
               help="comma-separated subset of read,decode,baseline_decode,model,end_to_end [default: all]")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -61,7 +64,7 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
               help="scaling what-if: take this per-GPU model img/s at --batch-size instead of measuring it")
 @click.option("--scaling-batch-factor", type=click.IntRange(min=2), default=4, show_default=True,
               help="scaling: the 'larger per-GPU batch' rows use this multiple of --batch-size")
-def profile_command(data, device, arch, precision, batch_size, steps, repeats, warmup, workers, stages,
+def profile_command(data, device, arch, precision, batch_size, steps, repeats, warmup, workers, compile_model, stages,
                     json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s, scaling_batch_factor):
     """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
     one bounds the run: warm-up, timed repetitions, median."""
@@ -90,6 +93,7 @@ def profile_command(data, device, arch, precision, batch_size, steps, repeats, w
         data=data, device=device, stages=tuple(s for s in ALL_STAGES if s in stages), arch=arch, precision=precision,
         batch_size=batch_size or defaults["batch_size"], warmup=defaults["warmup"] if warmup is None else warmup,
         repeats=repeats or defaults["repeats"], steps=steps or defaults["steps"], workers=workers or defaults["workers"],
+        compile=compile_model,
     )
     if data is None and set(cfg.stages) & DATA_STAGES:
         raise click.BadParameter("stages other than model need a shard set", param_hint="--data")

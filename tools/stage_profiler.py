@@ -15,6 +15,11 @@ Honest timing: every stage runs `warmup` untimed steps first (cuDNN autotuning, 
 queues, allocator growth), then `repeats` timed repetitions of `steps` batches each; the median
 repetition is reported and all of them are kept. On a GPU the model stages are timed with CUDA
 events; loader stages with perf_counter and a device synchronize (they are host-driven).
+
+`compile=True` wraps the network in torch.compile for the model and end_to_end stages, as
+`train --compile` does. The compilation happens in the first warm-up step (at least one is run
+then, whatever `warmup` says), so no timed repetition pays for it; `warmup_s` reports what the
+warm-up took, compilation included.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ class ProfileConfig:
     workers: int = 2                       # DALI threads / DataLoader workers
     channels_last: bool = True
     num_classes: int = IMAGENET_CLASSES
+    compile: bool = False                  # torch.compile the network (model and end_to_end stages)
 
     @property
     def torch_device(self) -> torch.device:
@@ -89,11 +95,12 @@ class StageResult:
     img_per_s: float                       # median over the timed repetitions
     runs_img_per_s: list[float]            # every timed repetition
     images_per_run: int
+    warmup_seconds: float = 0.0            # the untimed warm-up (a torch.compile included)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"img_per_s": self.img_per_s, "runs_img_per_s": self.runs_img_per_s,
-                "images_per_run": self.images_per_run, **self.extra}
+                "images_per_run": self.images_per_run, "warmup_s": self.warmup_seconds, **self.extra}
 
 
 @dataclass
@@ -134,12 +141,17 @@ def time_seconds(run: Callable[[], None], device: torch.device, device_events: b
     return time.perf_counter() - t0
 
 
-def measure(step: Callable[[], int], cfg: ProfileConfig, *, device_events: bool = False) -> StageResult:
-    """Warm up with `cfg.warmup` calls of `step` (each returns the images it handled), then time
-    `cfg.repeats` repetitions of `cfg.steps` calls; median img/s."""
+def measure(step: Callable[[], int], cfg: ProfileConfig, *, device_events: bool = False,
+            min_warmup: int = 0) -> StageResult:
+    """Warm up with `cfg.warmup` (at least `min_warmup`) calls of `step` (each returns the images
+    it handled), then time `cfg.repeats` repetitions of `cfg.steps` calls; median img/s."""
     device = cfg.torch_device
-    for _ in range(cfg.warmup):
-        step()
+
+    def warm_up() -> None:
+        for _ in range(max(cfg.warmup, min_warmup)):
+            step()
+
+    warmup_seconds = time_seconds(warm_up, device, device_events=False)
     runs, images = [], 0
     for _ in range(cfg.repeats):
         counted = [0]
@@ -151,7 +163,7 @@ def measure(step: Callable[[], int], cfg: ProfileConfig, *, device_events: bool 
         seconds = time_seconds(repetition, device, device_events)
         images = counted[0]
         runs.append(images / seconds)
-    return StageResult(statistics.median(runs), runs, images)
+    return StageResult(statistics.median(runs), runs, images, warmup_seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +304,8 @@ def configure_backends(cfg: ProfileConfig) -> None:
 
 
 def build_engine(cfg: ProfileConfig) -> Engine:
-    """A single-process training engine as the trainer builds it (SGD, autocast, channels-last)."""
+    """A single-process training engine as the trainer builds it (SGD, autocast, channels-last,
+    torch.compile when asked: it compiles at the first step, inside the warm-up)."""
     from alexnet_fast.model.config import TrainConfig
 
     device = cfg.torch_device
@@ -302,7 +315,22 @@ def build_engine(cfg: ProfileConfig) -> Engine:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(TrainConfig(arch=cfg.arch), model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return Engine(model, optimizer, scaler, None, device, AUTOCAST_DTYPES[precision], cfg.channels_last)
+    step_model = torch.compile(model) if cfg.compile else model
+    return Engine(step_model, optimizer, scaler, None, device, AUTOCAST_DTYPES[precision], cfg.channels_last)
+
+
+def measure_training(step: Callable[[], int], cfg: ProfileConfig) -> StageResult:
+    """`measure` for the stages that train (device events on a GPU). With torch.compile at least
+    one warm-up step, where the compilation happens; a compiler that fails is one line."""
+    if not cfg.compile:
+        return measure(step, cfg, device_events=True)
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        return measure(step, cfg, device_events=True, min_warmup=1)
+    except BackendCompilerFailed as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProfileError(f"torch.compile failed ({reason[:300]}); profile without --compile") from None
 
 
 def _flops_extra(cfg: ProfileConfig, img_per_s: float, engine: Engine) -> dict:
@@ -310,7 +338,7 @@ def _flops_extra(cfg: ProfileConfig, img_per_s: float, engine: Engine) -> dict:
     achieved = img_per_s * flops / 1e12
     peak = peak_tflops(device_name(cfg), cfg.resolved_precision) if cfg.device == "cuda" else None
     return {
-        "arch": cfg.arch, "precision": cfg.resolved_precision, "batch_size": cfg.batch_size,
+        "arch": cfg.arch, "precision": cfg.resolved_precision, "batch_size": cfg.batch_size, "compile": cfg.compile,
         "step_ms": cfg.batch_size / img_per_s * 1e3, "params": count_parameters(engine.model),
         "gflop_per_image": flops / 1e9, "tflop_per_s": achieved,
         "peak_tflop_per_s": peak, "fraction_of_peak": achieved / peak if peak else None,
@@ -331,7 +359,7 @@ def measure_model(cfg: ProfileConfig) -> StageResult:
         train_step(engine, images, labels)
         return cfg.batch_size
 
-    result = measure(step, cfg, device_events=True)
+    result = measure_training(step, cfg)
     result.extra = _flops_extra(cfg, result.img_per_s, engine)
     return result
 
@@ -346,7 +374,7 @@ def measure_end_to_end(cfg: ProfileConfig) -> StageResult:
         train_step(engine, images, labels)
         return images.shape[0]
 
-    result = measure(step, cfg, device_events=True)
+    result = measure_training(step, cfg)
     result.extra = {"loader": "dali", **_flops_extra(cfg, result.img_per_s, engine)}
     return result
 
@@ -419,7 +447,8 @@ def _detail(name: str, r: dict) -> str:
     if "tflop_per_s" in r:
         peak = (f"{r['fraction_of_peak']:.1%} of {r['peak_tflop_per_s']:g} peak" if r["fraction_of_peak"] is not None
                 else "peak unknown")
-        return (f"{r['arch']} {r['precision']} batch {r['batch_size']}: {r['step_ms']:.1f} ms/step, "
+        compiled = f", compiled (warm-up {r['warmup_s']:.0f} s)" if r.get("compile") else ""
+        return (f"{r['arch']} {r['precision']}{compiled} batch {r['batch_size']}: {r['step_ms']:.1f} ms/step, "
                 f"{r['tflop_per_s']:.3g} TFLOP/s ({peak})")
     return f"{r['loader']} loader, batch {r['batch_size']}"
 
