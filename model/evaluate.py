@@ -154,14 +154,14 @@ def eval_worker(cfg: EvalConfig) -> EvalRun:
 
     ctx = D.setup(D.resolve_device(cfg.device))
     try:
-        return evaluate_checkpoint(cfg, ctx)
+        return evaluate_rank(cfg, ctx)
     except (EvalError, CheckpointError, ShardSetError, CorruptSampleError) as e:
         return EvalRun(None, str(e))
     finally:
         D.teardown()
 
 
-def evaluate_checkpoint(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
+def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
     """This rank's part of the evaluation, with the trainer's per-epoch rules: the val loader's
     rank split, the trainer's precision and image layout on a GPU, `evaluate`'s all-reduce."""
     from tqdm import tqdm
@@ -185,7 +185,8 @@ def evaluate_checkpoint(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
             world_size=ctx.world_size, device=ctx.device.type, device_id=ctx.local_rank, workers=cfg.workers,
             ten_crop=cfg.ten_crop, channels_last=on_gpu,
             dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
-            on_corrupt=cfg.on_corrupt, borrow_buffers=True))   # `evaluate` is done with each batch before asking for the next
+            on_corrupt=cfg.on_corrupt,
+            borrow_buffers=True))   # `evaluate` is done with each batch before it asks for the next
     except ValueError as e:         # the loader's one-line complaints about the spec or the shard set
         raise EvalError(str(e)) from None
     progress = tqdm(total=val.num_samples, unit="img", disable=not ctx.is_main, dynamic_ncols=True,

@@ -134,7 +134,8 @@ def test_compile_is_absorbed_by_the_warm_up(shard_set, tmp_path):
         [sys.executable, "-m", "alexnet_fast.tools.cli", "profile", "--data", str(shard_set), "--device", "cpu",
          "--stages", "model,end_to_end", "--compile", "--batch-size", "4", "--steps", "1", "--repeats", "2",
          "--warmup", "0", "--workers", "1", "--json", str(report_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})     # empty: a real compile
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["config"]["compile"] is True and report["config"]["warmup"] == 0
