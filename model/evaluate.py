@@ -168,7 +168,7 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
 
     from alexnet_fast.model import checkpoint as ckpt
     from alexnet_fast.model.alexnet import build_model
-    from alexnet_fast.model.train import AUTOCAST_DTYPES, resolve_precision
+    from alexnet_fast.model.train import AUTOCAST_DTYPES, image_dtype, resolve_precision
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 
     state, _ = ckpt.load_checkpoint(cfg.checkpoint)
@@ -179,12 +179,13 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
     precision = resolve_precision("auto", ctx.device.type)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True     # one input shape throughout, as in training
     try:
         val = make_loader(LoaderSpec(
             data=cfg.data, split="val", kind=cfg.loader, batch_size=cfg.batch_size, rank=ctx.rank,
             world_size=ctx.world_size, device=ctx.device.type, device_id=ctx.local_rank, workers=cfg.workers,
             ten_crop=cfg.ten_crop, channels_last=on_gpu,
-            dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
+            dtype=image_dtype(ctx.device.type, precision),
             on_corrupt=cfg.on_corrupt,
             borrow_buffers=True))   # `evaluate` is done with each batch before it asks for the next
     except ValueError as e:         # the loader's one-line complaints about the spec or the shard set

@@ -245,6 +245,12 @@ def resolve_precision(precision: str, device_type: str) -> str:
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def image_dtype(device_type: str, precision: str) -> torch.dtype:
+    """What the loader hands the model: on a GPU, images in the autocast dtype (half the bytes out
+    of DALI and through the copy; autocast would cast them anyway); fp32 on the CPU."""
+    return (AUTOCAST_DTYPES[precision] or torch.float32) if device_type == "cuda" else torch.float32
+
+
 def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precision: str):
     """The train loader and (if the shard set has a val split) the val loader of this rank."""
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
@@ -256,7 +262,7 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
         world_size=ctx.world_size, device="cuda" if on_gpu else "cpu", device_id=ctx.local_rank,
         seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
         # bf16 images halve the loader's device memory traffic; autocast would cast them anyway
-        dtype=torch.bfloat16 if on_gpu and precision == "bf16" else torch.float32,
+        dtype=image_dtype(ctx.device.type, precision),
         on_corrupt=cfg.on_corrupt,
         borrow_buffers=True,    # each batch is consumed by one step before the next is asked for
     )
@@ -445,7 +451,14 @@ def train_worker(cfg: TrainConfig) -> dict:
     try:
         return _train(cfg, ctx)
     except (TrainingError, ShardSetError, ckpt.CheckpointError, CorruptSampleError) as e:
-        return {"outcome": "failed", "error": str(e)}     # the command prints it (rank 0)
+        if ctx.is_distributed:
+            # The other ranks may be waiting in a collective this rank will never join (a corrupt
+            # sample or a failed checkpoint write happens on one rank only): under NCCL they would
+            # sit out the 10-minute watchdog timeout. A worker that exits non-zero makes the
+            # launcher (ours or torchrun) stop the whole group now; its error file carries the
+            # message to the command, which prints it in one line (cmd_train.worker_failure).
+            D.exit_failed(f"rank {ctx.rank}: {e}")
+        return {"outcome": "failed", "error": str(e)}     # one process: the command prints it
     finally:
         D.teardown()
 

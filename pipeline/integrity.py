@@ -7,7 +7,8 @@ manifest, and only for a tar that differs, each sample's `.jpg` against the `jpg
 `.json` carries and its `.lbl` against its `.cls`, which names the samples that changed.
 `alexnet-fast verify` does all of this and more (decodes every JPEG, checks the .idx); this is the
 part the trainer needs, at the speed of reading the shards (hashlib releases the GIL; shards are
-spread over a process pool).
+spread over threads: hashlib releases the GIL while it hashes a chunk, and the trainer calls this
+after CUDA and NCCL started threads of their own, where forking is best avoided).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import struct
 import tarfile
 from dataclasses import dataclass
 
-from alexnet_fast.pipeline.procpool import fork_pool
+from multiprocessing.pool import ThreadPool
 from alexnet_fast.pipeline.shardset import ShardFile
 
 CHUNK = 1 << 20
@@ -71,11 +72,8 @@ def _intact(sample: dict[str, bytes]) -> bool:
 
 
 def check_shards(shards: list[ShardFile], workers: int = 1) -> list[ShardCheck]:
-    """check_shard over `shards` (in their order), `workers` processes at a time."""
+    """check_shard over `shards` (in their order), `workers` threads at a time."""
     if workers <= 1 or len(shards) <= 1:
         return [check_shard(s) for s in shards]
-    pool = fork_pool(min(workers, len(shards)))
-    try:
+    with ThreadPool(min(workers, len(shards))) as pool:
         return pool.map(check_shard, shards)
-    finally:
-        pool.terminate()

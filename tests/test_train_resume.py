@@ -103,3 +103,41 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path):
     assert "Traceback" not in err
     saved = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     assert saved["step"] >= 2 and saved["epoch"] == 0 and len(saved["rng"]) == 2
+
+
+def _spawned_workers(parent: int) -> list[int]:
+    """PIDs of the launcher's worker processes (multiprocessing spawn children of `parent`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().split(") ", 1)[1].split()[1] == str(parent) \
+                    and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return sorted(found)
+
+
+def test_one_rank_killed_ends_the_run_in_one_line_naming_it(shard_set, tmp_path):
+    """The out-of-memory killer takes one rank of a 2-process run: the launcher stops the other, and
+    the command says which rank died of what, and how to continue -- in one line, exit 1."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TRAIN, "--data", str(shard_set), *SMALL, "--nproc", "2", "--batch-size", "8",
+                             "--epochs", "3", "--out", str(run)],
+                            env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(run, 1, proc)
+        workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1] if "resource_tracker" not in err.strip().splitlines()[-1] else \
+        next(line for line in err.splitlines() if line.startswith("alexnet-fast: error:"))
+    assert last.startswith("alexnet-fast: error: the training worker of rank ")
+    assert "was killed by SIGKILL" in last and f"--resume --out {run}" in last

@@ -80,14 +80,29 @@ def train(cfg: TrainConfig) -> dict:
         click.echo(f"stopped by signal {e.sigval.name}; continue with --resume --out {cfg.out}", err=True)
         return {"outcome": "stopped"}
     except ChildFailedError as e:
-        first = next(iter(e.failures.values()), None)
-        raise click.ClickException(f"a training worker failed (exit code {getattr(first, 'exitcode', '?')}); "
-                                   f"its error is printed above") from None
+        raise worker_failure(e, "training", f"; continue from the last checkpoint with --resume --out {cfg.out}") from None
     if result.get("error"):
         if int(os.environ.get("RANK", 0)) == 0:
             raise click.ClickException(result["error"])
         sys.exit(1)
     return result
+
+
+def worker_failure(error, what: str, hint: str = "") -> click.ClickException:
+    """One line for the launcher's ChildFailedError. A worker that raised has printed its own error;
+    one killed by a signal (the out-of-memory killer's SIGKILL, a scheduler) printed nothing, so
+    the signal is named here."""
+    if not error.failures:
+        return click.ClickException(f"a {what} worker failed{hint}")
+    rank, failure = min(error.failures.items())
+    if failure.exitcode is not None and failure.exitcode < 0:
+        name = failure.signal_name()
+        cause = f"was killed by {name}" + (" (the out-of-memory killer sends that)" if name == "SIGKILL" else "")
+    elif isinstance(failure.message, str) and failure.message.startswith("rank "):   # D.exit_failed's
+        return click.ClickException(failure.message)
+    else:
+        cause = f"failed (exit code {failure.exitcode}); its error is printed above"
+    return click.ClickException(f"the {what} worker of rank {rank} {cause}{hint}")
 
 
 @click.command("train", context_settings=CONTEXT)
@@ -197,9 +212,7 @@ def evaluate_checkpoint(cfg: "EvalConfig") -> "EvalResult | None":
     except SignalException as e:
         raise click.ClickException(f"stopped by signal {e.sigval.name}") from None
     except ChildFailedError as e:
-        first = next(iter(e.failures.values()), None)
-        raise click.ClickException(f"an eval worker failed (exit code {getattr(first, 'exitcode', '?')}); "
-                                   f"its error is printed above") from None
+        raise worker_failure(e, "eval") from None
     rank = int(os.environ.get("RANK", 0))
     if run.error:
         if rank == 0:
@@ -272,11 +285,13 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
     report = make_shards(raw, shards_dir, ShardOptions(per_shard=200), workers=default_workers(),
                          progress=True, log=lambda msg: click.echo(f"      {msg}"))
     click.echo(f"      {report.summary()}")
+    gpus = _demo_gpus(size.batch_size) if device == "cuda" else 0
     cfg = resolve_config("fast", None, dict(
         data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", init="kaiming", epochs=size.epochs,
-        batch_size=size.batch_size, lr=size.lr, scale_lr=False, warmup_epochs=1.0,
-        device=device, loader=loader, workers=2, log_every=5, resume=True))
-    click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on {device}")
+        batch_size=size.batch_size, lr=size.lr, scale_lr=False, warmup_epochs=1.0, gpus=gpus,
+        device=device, loader=loader, workers=2 if device == "cpu" else 4, log_every=5, resume=True))
+    click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on "
+               + (f"{gpus} GPU(s)" if device == "cuda" else "the CPU"))
     train_started = time.perf_counter()
     result = train(cfg)
     train_seconds = time.perf_counter() - train_started
@@ -285,13 +300,22 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
         return {"val": None, "img_per_s": 0.0, "outcome": "stopped"}
     click.echo("[4/4] evaluating best.pt on the val split")
     val = evaluate_checkpoint(EvalConfig(data=str(shards_dir), checkpoint=str(run_dir / "best.pt"), batch_size=64,
-                                         device=device, loader=loader, workers=2))
+                                         device=device, loader=loader, workers=cfg.workers, gpus=gpus))
     throughput = _mean_train_throughput(run_dir / "metrics.jsonl")
     chance = 1.0 / size.classes
     click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
                f"(chance {chance:.0%}), top-5 {val.top5:.1%} over {val.images} images; "
                f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s")
     return {"val": val.as_dict(), "img_per_s": throughput, "outcome": result.get("outcome")}
+
+
+def _demo_gpus(global_batch: int) -> int:
+    """The most visible GPUs the demo's fixed global batch divides evenly over (a power of two:
+    6 visible GPUs -> 4), since the user cannot change the demo's batch size."""
+    import torch
+
+    visible = max(1, torch.cuda.device_count())
+    return max(g for g in (1, 2, 4, 8, 16, 32, 64) if g <= visible and global_batch % g == 0)
 
 
 def _mean_train_throughput(metrics: Path) -> float:

@@ -86,8 +86,10 @@ class ProfileConfig:
 
     @property
     def image_dtype(self) -> torch.dtype:
-        """What the loader hands the model (model.train.load_data's rule): bf16 images on a GPU in bf16."""
-        return torch.bfloat16 if self.device == "cuda" and self.resolved_precision == "bf16" else torch.float32
+        """What the loader hands the model: the trainer's rule (model.train.image_dtype)."""
+        from alexnet_fast.model.train import image_dtype
+
+        return image_dtype(self.device, self.resolved_precision)
 
 
 @dataclass

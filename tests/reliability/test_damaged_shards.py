@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+import time
 
 import pytest
 from faults import ALEXNET_FAST, damage_jpeg, run
@@ -140,3 +141,21 @@ def test_verify_shards_catches_a_jpeg_that_changed_but_still_decodes(on_corrupt,
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "val_top1" in line]
     assert [r.get("skipped_samples") for r in epochs] == [1]     # all 8 samples are drawn in the one epoch
+
+
+def test_a_corrupt_sample_on_one_of_two_ranks_ends_the_run_at_once_naming_it(damaged_train_set, tmp_path):
+    """Only the rank whose range holds the sample fails; the other is waiting in the gradient
+    all-reduce. The failed rank exits at once so the launcher stops the group (no collective
+    timeout), and its message reaches the command's one error line."""
+    data, shard, key = damaged_train_set
+    started = time.monotonic()
+    done = run([*TRAIN, "--data", str(data), "--out", str(tmp_path / "run"), "--nproc", "2"], timeout=300,
+               extra_env={"OMP_NUM_THREADS": "1"})
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("alexnet-fast: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("alexnet-fast: error: rank ") and "corrupt JPEG" in errors[0]
+    assert f"{data / shard}, key {key}" in errors[0]
+    assert took < 120, f"took {took:.0f} s"
