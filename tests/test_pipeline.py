@@ -8,7 +8,6 @@ about 1 / (255 * 0.26) = 0.015 -- an off-by-one crop or a wrong flip is hundreds
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -17,7 +16,8 @@ import webdataset as wds
 
 from alexnet_fast.pipeline.augment import ColorStats, SampleParams, reference_augment, reference_ten_crop, centre_params
 from alexnet_fast.pipeline.baseline import decode_rgb
-from alexnet_fast.pipeline.loaders import DaliLoader, LoaderSpec, make_loader
+from alexnet_fast.pipeline.dali_loader import DaliLoader
+from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 from alexnet_fast.pipeline.shardset import ShardSet
 
 FLOAT_TOL = 1e-3      # the bound for float math
