@@ -15,8 +15,6 @@ Preemption: SIGTERM/SIGINT set a flag; the ranks agree on it at the next step (o
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import signal
 import sys
@@ -36,6 +34,8 @@ from alexnet_fast.model import distributed as D
 from alexnet_fast.model.alexnet import build_model
 from alexnet_fast.model.config import TrainConfig, format_config, save_config
 from alexnet_fast.model.evaluate import EvalResult, evaluate
+from alexnet_fast.model.optim import make_optimizer, make_schedulers
+from alexnet_fast.model.runlog import RunLog
 
 STOP_CHECK_EVERY_GPU = 10   # steps between the ranks' agreement on a stop request when it costs a sync
 
@@ -302,100 +302,6 @@ def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, loaders: list)
             loader.exclude(changed)
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum; optionally no weight decay on biases/normalization weights (1-D tensors),
-    which only shrinks them towards zero without regularizing anything useful."""
-    if cfg.no_decay_bias_norm:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    return torch.optim.SGD(groups, lr=cfg.effective_lr, momentum=cfg.momentum)
-
-
-class StepLrFactor:
-    """lr multiplier per optimizer step: linear warm-up, then cosine to 0 or /10 every step_epochs.
-    A class (not a lambda) so LambdaLR's state_dict can hold it."""
-
-    def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, warmup_epochs: float,
-                 step_epochs: int) -> None:
-        self.schedule = schedule
-        self.warmup = int(round(warmup_epochs * steps_per_epoch))
-        self.total = max(1, epochs * steps_per_epoch)
-        self.step_every = max(1, step_epochs * steps_per_epoch)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.schedule == "cosine":
-            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 0.1 ** (step // self.step_every)
-
-
-def make_schedulers(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """(per-step scheduler or None, per-epoch plateau scheduler or None)."""
-    if cfg.schedule == "plateau":
-        # The paper: divide by 10 when the val error stops improving, at most `max_lr_drops` times.
-        # min_lr is the lr after exactly that many drops, computed as the scheduler computes it
-        # (old * 0.1 in floats), and eps=0, so a further drop changes nothing.
-        floor = cfg.effective_lr
-        for _ in range(cfg.max_lr_drops):
-            floor *= 0.1
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.1, patience=cfg.plateau_patience, min_lr=floor, eps=0.0)
-        return None, plateau
-    factor = StepLrFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.step_epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), None
-
-
-class RunLog:
-    """RUN/metrics.jsonl (+ TensorBoard when installed), written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resumed_at_step: int | None) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tensorboard = None
-        if not enabled:
-            return
-        if resumed_at_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            # A killed run may have logged steps after its last checkpoint; they are re-run now,
-            # so drop them rather than log them twice.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _record_step(line) <= resumed_at_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:     # tensorboard is optional
-            self.tensorboard = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _record_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except ValueError:
-        return sys.maxsize      # a line cut short by a kill: drop it
-
-
 def say(ctx: D.DistContext, message: str) -> None:
     """One line on stdout from rank 0 (tqdm-safe)."""
     if ctx.is_main:
@@ -507,37 +413,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     seed_everything(cfg.seed + ctx.rank)
 
     # --- resume
-    state = TrainState()
-    resumed_at: int | None = None
-    loader_state: dict | None = None     # this rank's train loader state at the checkpoint
+    state, resumed_at, loader_state = TrainState(), None, None
     if cfg.resume and ckpt.has_checkpoint(run_dir):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            saved, path = ckpt.load_checkpoint(run_dir)
-        for warning in caught:      # a damaged last.pt: one plain line, not a Python warning dump
-            if ctx.is_main:
-                print(f"alexnet-fast train: warning: {warning.message}", file=sys.stderr, flush=True)
-        if saved["arch"] != cfg.arch or saved["num_classes"] != num_classes:
-            raise TrainingError(f"{path} holds {saved['arch']} with {saved['num_classes']} classes, "
-                                f"not {cfg.arch} with {num_classes}")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if step_scheduler is not None and saved["scheduler"].get("step"):
-            step_scheduler.load_state_dict(saved["scheduler"]["step"])
-        if plateau is not None and saved["scheduler"].get("plateau"):
-            plateau.load_state_dict(saved["scheduler"]["plateau"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
-        saved_loaders = saved.get("loader")
-        if saved_loaders and len(saved_loaders) == ctx.world_size:
-            loader_state = saved_loaders[ctx.rank]
-        rng = saved["rng"]
-        if len(rng) == ctx.world_size:
-            ckpt.set_rng_state(rng[ctx.rank])
-        else:   # another world size: continue, but dropout masks cannot replay exactly
-            seed_everything(cfg.seed + ctx.rank + 1_000_003 * state.step)
+        state, loader_state = resume_from_checkpoint(cfg, ctx, run_dir, num_classes, model, optimizer,
+                                                     step_scheduler, plateau, scaler)
         resumed_at = state.step
-        say(ctx, f"resumed from {path}: epoch {state.epoch}, step {state.step}")
     elif cfg.resume:
         say(ctx, f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
 
@@ -641,6 +521,38 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         log.close()
     result.update(step=state.step, epoch=state.epoch)
     return result
+
+
+def resume_from_checkpoint(cfg: TrainConfig, ctx: D.DistContext, run_dir: Path, num_classes: int,
+                           model: nn.Module, optimizer, step_scheduler, plateau, scaler) -> tuple[TrainState, dict | None]:
+    """Load the newest good checkpoint of `run_dir` into the run's objects; returns where the run
+    stands and this rank's train loader state (None when the world size changed)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved, path = ckpt.load_checkpoint(run_dir)
+    for warning in caught:      # a damaged last.pt: one plain line, not a Python warning dump
+        if ctx.is_main:
+            print(f"alexnet-fast train: warning: {warning.message}", file=sys.stderr, flush=True)
+    if saved["arch"] != cfg.arch or saved["num_classes"] != num_classes:
+        raise TrainingError(f"{path} holds {saved['arch']} with {saved['num_classes']} classes, "
+                            f"not {cfg.arch} with {num_classes}")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if step_scheduler is not None and saved["scheduler"].get("step"):
+        step_scheduler.load_state_dict(saved["scheduler"]["step"])
+    if plateau is not None and saved["scheduler"].get("plateau"):
+        plateau.load_state_dict(saved["scheduler"]["plateau"])
+    scaler.load_state_dict(saved["scaler"])
+    state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
+    saved_loaders = saved.get("loader")
+    loader_state = saved_loaders[ctx.rank] if saved_loaders and len(saved_loaders) == ctx.world_size else None
+    rng = saved["rng"]
+    if len(rng) == ctx.world_size:
+        ckpt.set_rng_state(rng[ctx.rank])
+    else:   # another world size: continue, but dropout masks cannot replay exactly
+        seed_everything(cfg.seed + ctx.rank + 1_000_003 * state.step)
+    say(ctx, f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+    return state, loader_state
 
 
 def _log_and_show(log: RunLog, bar: Any) -> Callable[[dict], None]:

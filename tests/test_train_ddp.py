@@ -23,7 +23,8 @@ WORKER = textwrap.dedent('''
     from alexnet_fast.model import distributed as D
     from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.config import TrainConfig
-    from alexnet_fast.model.train import Engine, TrainState, make_optimizer, seed_everything, train_one_epoch
+    from alexnet_fast.model.optim import make_optimizer
+    from alexnet_fast.model.train import Engine, TrainState, seed_everything, train_one_epoch
 
     out, compression = sys.argv[1], sys.argv[2]   # compression: "none" (bf16 needs NCCL)
     assert D.under_launcher()
@@ -55,7 +56,8 @@ WORKER = textwrap.dedent('''
 def _single_process_run():
     from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.config import TrainConfig
-    from alexnet_fast.model.train import Engine, TrainState, make_optimizer, seed_everything, train_one_epoch
+    from alexnet_fast.model.optim import make_optimizer
+    from alexnet_fast.model.train import Engine, TrainState, seed_everything, train_one_epoch
 
     seed_everything(0)
     model = build_model("alexnet-owt", 4, dropout=0.0)

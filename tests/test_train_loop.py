@@ -13,8 +13,8 @@ import torch
 from alexnet_fast.model import checkpoint as ckpt
 from alexnet_fast.model.alexnet import build_model
 from alexnet_fast.model.config import TrainConfig, resolve_config
-from alexnet_fast.model.train import (Engine, LoopHooks, Outcome, TrainingError, TrainState, make_optimizer,
-                                      make_schedulers, train_one_epoch)
+from alexnet_fast.model.optim import make_optimizer, make_schedulers
+from alexnet_fast.model.train import Engine, LoopHooks, Outcome, TrainingError, TrainState, train_one_epoch
 
 
 def _engine(lr: float = 0.01, arch: str = "alexnet-owt") -> Engine:

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from alexnet_fast.model.alexnet import build_model, count_parameters
-from alexnet_fast.model.train import AUTOCAST_DTYPES, Engine, make_optimizer, resolve_precision, train_step
+from alexnet_fast.model.optim import make_optimizer
+from alexnet_fast.model.train import AUTOCAST_DTYPES, Engine, resolve_precision, train_step
 
 CROP = 227               # the network's input size (LoaderSpec.crop's default)
 IMAGENET_CLASSES = 1000  # the model stage's classifier: ImageNet's, whatever the shard set has
