@@ -1,8 +1,15 @@
 """RUN/metrics.jsonl (and TensorBoard event files when tensorboard is installed): what a run logs,
-written by rank 0 only, trimmed on resume so no step is logged twice."""
+written by rank 0 only, trimmed on resume so no step is logged twice; and RUN/curves.png, its
+loss, accuracy and throughput curves (`write_curves`, also `alexnet-fast plot RUN [RUN ...]` to
+compare runs).
+
+metrics.jsonl holds one JSON object per line: per log interval {"step", "epoch", "loss", "lr",
+"img_per_s"}, per epoch the same plus "val_top1", "val_top5", "val_images" (when there is a val
+split) and "skipped_samples" (when samples were skipped)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +57,59 @@ def _record_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except ValueError:
         return sys.maxsize      # a line cut short by a kill: drop it
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(log-interval records, epoch-end records) of RUN/metrics.jsonl; a line cut short by a kill
+    is left out. Epoch-end records are the ones written after an epoch (they carry its val
+    accuracy; without a val split, every record of a step that ends an epoch)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    epochs = [r for r in records if "val_top1" in r]
+    steps = [r for r in records if "val_top1" not in r]
+    if not epochs:      # no val split: the last record of each epoch stands for it
+        last: dict[int, dict] = {}
+        for r in records:
+            last[r["epoch"]] = r
+        epochs = list(last.values())
+    return steps, epochs
+
+
+def write_curves(runs: list[Path], path: Path) -> None:
+    """A PNG of train loss and img/s per step and val top-1/top-5 per epoch, one line per run
+    (labelled by its directory name). Written to a temp file and renamed: a kill never leaves half
+    a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax, speed_ax) = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    for run in runs:
+        steps, epochs = read_metrics(run)
+        label = Path(run).name
+        line, = loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=label, lw=1)
+        speed_ax.plot([r["step"] for r in steps], [r["img_per_s"] for r in steps], color=line.get_color(), lw=1)
+        with_val = [r for r in epochs if "val_top1" in r]
+        if with_val:
+            x = [r["epoch"] + 1 for r in with_val]
+            acc_ax.plot(x, [100 * r["val_top1"] for r in with_val], "o-", color=line.get_color(), label=f"{label} top-1")
+            acc_ax.plot(x, [100 * r["val_top5"] for r in with_val], "s--", color=line.get_color(), alpha=0.6,
+                        label=f"{label} top-5")
+    loss_ax.set(xlabel="step", ylabel="train loss", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="val accuracy (%)", title="validation", ylim=(0, 100))
+    speed_ax.set(xlabel="step", ylabel="images / s (all ranks)", title="throughput")
+    for ax in (loss_ax, acc_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -35,7 +35,7 @@ from alexnet_fast.model.alexnet import build_model
 from alexnet_fast.model.config import TrainConfig, format_config, save_config
 from alexnet_fast.model.evaluate import EvalResult, evaluate
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
-from alexnet_fast.model.runlog import RunLog
+from alexnet_fast.model.runlog import RunLog, write_curves
 
 STOP_CHECK_EVERY_GPU = 10   # steps between the ranks' agreement on a stop request when it costs a sync
 
@@ -513,6 +513,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             if is_best:
                 state.best_top1 = val.top1
             save(is_best)
+            if ctx.is_main:
+                write_curves([run_dir], run_dir / "curves.png")
             if epoch_result.outcome is Outcome.MAX_STEPS:
                 result["outcome"] = Outcome.MAX_STEPS.value
                 break

@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
+from alexnet_fast.model.runlog import read_metrics
+from alexnet_fast.tools.cli import run_command
+from alexnet_fast.tools.cmd_plot import plot_command
 from alexnet_fast.tools.cmd_train import DemoSize, run_demo
 
 
@@ -24,4 +29,16 @@ def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, cap
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 24 and manifest["rejected"] == []
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "config.json").is_file()
+    assert f"curves in {tmp_path / 'run' / 'curves.png'}" in summary[0]
+    assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")   # redrawn each epoch
+
+    # what the curves are drawn from, and `alexnet-fast plot` comparing runs (here: the run twice)
+    steps, epochs = read_metrics(tmp_path / "run")
+    assert len(epochs) == tiny.epochs and 0 <= epochs[0]["val_top1"] <= epochs[0]["val_top5"] <= 1
+    assert all(r["loss"] > 0 and r["img_per_s"] > 0 for r in steps + epochs)   # (3 steps: below --log-every)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(plot_command, "plot", [str(tmp_path / "run"), str(tmp_path / "run"), "--out",
+                                           str(tmp_path / "both.png")])
+    assert exit_info.value.code == 0
+    assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "train": "alexnet_fast.tools.cmd_train:train_command",
     "eval": "alexnet_fast.tools.cmd_train:eval_command",
     "profile": "alexnet_fast.tools.cmd_profile:profile_command",
+    "plot": "alexnet_fast.tools.cmd_plot:plot_command",
 }
 
 

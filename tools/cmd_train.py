@@ -305,7 +305,8 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
     chance = 1.0 / size.classes
     click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
                f"(chance {chance:.0%}), top-5 {val.top5:.1%} over {val.images} images; "
-               f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s")
+               f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s; "
+               f"curves in {run_dir / 'curves.png'}")
     return {"val": val.as_dict(), "img_per_s": throughput, "outcome": result.get("outcome")}
 
 

@@ -60,6 +60,10 @@ CASES = [
     (["eval", "--data", "{set}", "--checkpoint", "{file}"], "is damaged or truncated"),
     (["eval", "--data", "{set}", "--checkpoint", "{dir}"], "no usable checkpoint"),
     (["eval", "--data", "{set}", "--checkpoint", "{file}", "--batch-size", "0"], "0 is not in the range"),
+    # plot
+    (["plot"], "Missing argument 'RUNS...'"),
+    (["plot", "/no/such/run"], "has no metrics.jsonl"),
+    (["plot", "{dir}"], "has no metrics.jsonl"),
     # profile
     (["profile", "--data", "/no/such/set"], "does not exist"),
     (["profile", "--data", "{listjson}"], "is not an alexnet-fast manifest"),
