@@ -67,6 +67,10 @@ class TrainConfig:
     loader: str = _f("dali", "data loader", choices=("dali", "baseline"))
     workers: int = _f(4, "loader threads/workers per rank")
     lighting_std: float = _f(0.1, "PCA lighting alpha ~ N(0, std); 0 disables")
+    normalize: str = _f("auto", "input: 'mean' subtracts the mean pixel only (the paper's centred raw RGB, "
+                                "0..255 scale), 'mean-std' also divides by the per-channel std; auto = mean for "
+                                "alexnet2012 with the paper's init (tuned for that scale), else mean-std",
+                        choices=("auto", "mean", "mean-std"))
     on_corrupt: str = _f("error", "a corrupt sample: stop with its name, or skip and count it", choices=("error", "skip"))
     verify_shards: bool = _f(False, "first hash every shard against the manifest (reads the set once) to catch "
                                     "images that changed but still decode; --on-corrupt applies to them")
@@ -88,6 +92,10 @@ class TrainConfig:
     @property
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / REFERENCE_BATCH if self.scale_lr else self.lr
+
+    @property
+    def scale_by_std(self) -> bool:
+        return input_scaled_by_std(self.arch, self.init, self.normalize)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +143,18 @@ RECIPES: dict[Recipe, dict[str, Any]] = {
         "warmup_epochs": 2.0, "no_decay_bias_norm": True,
     },
 }
+
+
+def input_scaled_by_std(arch: str, init: str, normalize: str) -> bool:
+    """Whether the loader divides by the per-channel std, `normalize` resolved. Why "auto" is not
+    always mean-std: the paper fed "the (centered) raw RGB values", a pixel std of ~60, and its
+    N(0, 0.01) weights with bias 1 were chosen for that scale. On unit-variance input the first
+    layer's output is ~60x smaller and the bias-1 layers drown it: at init the differences between
+    images reach the penultimate layer at ~1e-4 of the common part, against ~6e-3 on raw-scale
+    input (tests/test_model.py measures it). Other inits (torch's, He) expect unit variance."""
+    if normalize == "auto":
+        return not (arch == "alexnet2012" and init == "default")
+    return normalize == "mean-std"
 
 
 def _flag(name: str) -> str:

@@ -168,12 +168,17 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
 
     from alexnet_fast.model import checkpoint as ckpt
     from alexnet_fast.model.alexnet import build_model
+    from alexnet_fast.model.config import input_scaled_by_std
     from alexnet_fast.model.train import AUTOCAST_DTYPES, image_dtype, resolve_precision
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 
     state, _ = ckpt.load_checkpoint(cfg.checkpoint)
     model = build_model(state["arch"], state["num_classes"]).to(ctx.device)
     model.load_state_dict(state["model"])
+    # the input scaling it was trained with (checkpoints from before the option: mean-std)
+    trained = state.get("config", {})
+    scale_by_std = input_scaled_by_std(state["arch"], trained.get("init", "default"),
+                                       trained.get("normalize", "mean-std"))
     del state                       # the optimizer state can be as large as the weights
     on_gpu = ctx.device.type == "cuda"
     precision = resolve_precision("auto", ctx.device.type)
@@ -186,7 +191,7 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
             world_size=ctx.world_size, device=ctx.device.type, device_id=ctx.local_rank, workers=cfg.workers,
             ten_crop=cfg.ten_crop, channels_last=on_gpu,
             dtype=image_dtype(ctx.device.type, precision),
-            on_corrupt=cfg.on_corrupt,
+            on_corrupt=cfg.on_corrupt, scale_by_std=scale_by_std,
             borrow_buffers=True))   # `evaluate` is done with each batch before it asks for the next
     except ValueError as e:         # the loader's one-line complaints about the spec or the shard set
         raise EvalError(str(e)) from None

@@ -263,7 +263,7 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
         seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
         # bf16 images halve the loader's device memory traffic; autocast would cast them anyway
         dtype=image_dtype(ctx.device.type, precision),
-        on_corrupt=cfg.on_corrupt,
+        on_corrupt=cfg.on_corrupt, scale_by_std=cfg.scale_by_std,
         borrow_buffers=True,    # each batch is consumed by one step before the next is asked for
     )
     try:
@@ -428,7 +428,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     derived = {"world_size": ctx.world_size, "per_rank_batch": per_rank_batch,
                "effective_lr": cfg.effective_lr, "resolved_precision": precision,
-               "num_classes_resolved": num_classes, "steps_per_epoch": steps_per_epoch}
+               "num_classes_resolved": num_classes, "steps_per_epoch": steps_per_epoch,
+               "normalize_resolved": "mean-std" if cfg.scale_by_std else "mean"}
     if ctx.is_main:
         save_config(cfg, run_dir, derived)
         say(ctx, "config:\n" + format_config(cfg, derived))

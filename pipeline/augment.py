@@ -47,6 +47,11 @@ class ColorStats:
         """The RGB shift `eigvec @ (alpha * eigval)` for alpha [..., 3] -> [..., 3]."""
         return (np.asarray(alpha, dtype=np.float64) * self.eigval) @ self.eigvec.T
 
+    def centred_only(self) -> "ColorStats":
+        """The same statistics with std = 1 on the 0..255 scale: normalizing with them only
+        subtracts the mean, which gives the paper's input, "the (centered) raw RGB values"."""
+        return ColorStats(self.mean, np.full(3, 1.0 / 255.0), self.eigval, self.eigvec)
+
     @property
     def mean_255(self) -> np.ndarray:
         return self.mean * 255.0

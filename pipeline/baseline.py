@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from alexnet_fast.pipeline.augment import ColorStats, centre_params, draw_params, reference_augment, reference_ten_crop
-from alexnet_fast.pipeline.loaders import CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage, derive_seed, rank_range
+from alexnet_fast.pipeline.loaders import (CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage, color_stats,
+                                           derive_seed, rank_range)
 from alexnet_fast.pipeline.shardset import ShardSet
 
 
@@ -138,7 +139,7 @@ class BaselineLoader:
         self.notes = [f"{d.describe()}: the baseline loader does not use it" for d in damaged]
         self.spec = spec
         self.shard_set = shard_set
-        self.stats = ColorStats.from_dict(shard_set.stats())
+        self.stats = color_stats(spec, shard_set)
         self.skipped: list[str] = []
         self._excluded: frozenset[str] = frozenset()   # "<tar>:<key>" left out (exclude)
         self._first = 0                 # the batch the next iteration starts at (resume)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from alexnet_fast.pipeline.index_patches import IndexPatches, Row, index_from_tar, read_index, row_fits, row_key
-from alexnet_fast.pipeline.loaders import (CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage,
+from alexnet_fast.pipeline.loaders import (CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage, color_stats,
                                            release_freed_memory)
 from alexnet_fast.pipeline.shardset import ShardFile, ShardSet
 
@@ -40,11 +40,9 @@ class DaliLoader:
     """The DALI pipelines behind the Loader contract (see the module docstring)."""
 
     def __init__(self, spec: LoaderSpec, shard_set: ShardSet, damaged: list[ShardDamage] = ()):
-        from alexnet_fast.pipeline.augment import ColorStats
-
         self.spec = spec
         self.shard_set = shard_set
-        self.stats = ColorStats.from_dict(shard_set.stats())
+        self.stats = color_stats(spec, shard_set)
         self.epoch = 0
         self.skipped: list[str] = []            # "<tar>:<key>" of every sample left out so far on this rank
         self.notes: list[str] = []              # one line per damaged shard worked around (on_corrupt="skip")

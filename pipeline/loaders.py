@@ -63,6 +63,9 @@ class LoaderSpec:
     crop: int = 227
     ten_crop: bool = False                      # val only: images [B,10,3,crop,crop]
     lighting_std: float = 0.1                   # PCA lighting alpha ~ N(0, lighting_std); 0 disables
+    # (x - mean) / std per channel; False: x - mean only, the paper's centred raw RGB values
+    # (0..255 scale), which its N(0, 0.01) init was tuned for (model/config.py `normalize`)
+    scale_by_std: bool = True
     on_corrupt: Literal["error", "skip"] = "error"
     shuffle_buffer: int = 4096                  # train: per-rank shuffle buffer (samples)
     prefetch: int = 2                           # DALI prefetch queue depth / DataLoader prefetch_factor
@@ -131,6 +134,15 @@ class ShardDamage:
             lost = "" if self.index_missing else f"; samples from key {_first_key_past(self.shard.index, self.tar_size)} on are lost"
             parts.append(f"shard {self.shard.tar} is cut short ({self.tar_size} of {self.shard.bytes} bytes{lost})")
         return " and ".join(parts)
+
+
+def color_stats(spec: LoaderSpec, shard_set: ShardSet):
+    """The ColorStats a loader normalizes and lights with: stats.json, or with scale_by_std off
+    its mean-only variant."""
+    from alexnet_fast.pipeline.augment import ColorStats
+
+    stats = ColorStats.from_dict(shard_set.stats())
+    return stats if spec.scale_by_std else stats.centred_only()
 
 
 def check_shard_files(shard_set: ShardSet, split: str, on_corrupt: str = "error") -> list[ShardDamage]:

@@ -150,3 +150,28 @@ def test_loss_falls_overfitting_a_small_batch(arch, lr):
     # Well below log(4) = 1.386: the network tells the four images apart, not just the prior.
     assert result.losses[0] == pytest.approx(math.log(4), abs=1e-4)
     assert min(result.losses[-3:]) < 0.5, result.losses
+
+
+def test_paper_init_needs_the_papers_raw_scale_input(shard_set):
+    """Why --normalize auto picks the paper's centred raw RGB for alexnet2012 with its own init: on
+    unit-variance input the image signal drowns in the bias-1 layers (the images' differences reach
+    the penultimate layer at ~1e-4 of what they share); on raw-scale input far more of it survives.
+    He init, made for unit variance, does not care. Real val images through the real loader."""
+    from alexnet_fast.model.config import input_scaled_by_std
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+
+    def spread(init, scale_by_std):
+        images, _ = next(iter(make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=16, workers=1,
+                                                     scale_by_std=scale_by_std))))
+        torch.manual_seed(0)
+        net = build_model("alexnet2012", 4, dropout=0.0, init=init).eval()
+        with torch.no_grad():
+            h = net.classifier[:-1](net.features(images).flatten(1))
+        return float((h - h.mean(0)).norm(dim=1).mean() / h.mean(0).norm())
+
+    assert spread("default", False) > 20 * spread("default", True)
+    assert spread("kaiming", True) > 0.05
+    assert input_scaled_by_std("alexnet2012", "default", "auto") is False
+    assert input_scaled_by_std("alexnet2012", "kaiming", "auto") is True
+    assert input_scaled_by_std("alexnet-owt", "default", "auto") is True
+    assert input_scaled_by_std("alexnet2012", "default", "mean-std") is True

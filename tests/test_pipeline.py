@@ -221,3 +221,18 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(shard_set, split):
     assert (images.device, labels.device, sources.device) == ("gpu", "gpu", "cpu")
     decoder = next(op for op in pipe._ops if repr(op.spec).startswith("OpSpec for decoders__Image"))
     assert "device: mixed" in repr(decoder.spec) and "hw_decoder_load: 0.75" in repr(decoder.spec)
+
+
+@pytest.mark.parametrize("kind", ["dali", "baseline"])
+def test_mean_only_normalization_is_the_std_scaled_input_times_the_std(shard_set, stats, kind):
+    """scale_by_std=False (the paper's centred raw RGB) changes only the divisor: the same batch,
+    each channel multiplied by its std on the 0..255 scale."""
+    def batch(scale_by_std):
+        spec = LoaderSpec(data=str(shard_set), split="train", kind=kind, batch_size=8, seed=4, workers=1,
+                          scale_by_std=scale_by_std)
+        return next(iter(make_loader(spec)))[0]
+
+    scaled, raw = batch(True), batch(False)
+    std = torch.tensor(stats.std_255, dtype=torch.float32).view(1, 3, 1, 1)
+    assert raw.abs().max() > 50                                  # raw-scale values, not unit variance
+    torch.testing.assert_close(raw, scaled * std, rtol=1e-4, atol=1e-3)
