@@ -82,12 +82,17 @@ def test_resume_after_sigkill_replays_the_uninterrupted_run(shard_set, tmp_path)
         assert torch.equal(value, final_b["model"][key]), key
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([*TRAIN, "--data", str(shard_set), *SMALL, "--nproc", "2", "--batch-size", "8",
+def _start_two_process_run(shard_set: Path, run: Path) -> subprocess.Popen:
+    """A self-launched 2-process (gloo) run of 3 epochs, one thread per rank, output piped."""
+    return subprocess.Popen([*TRAIN, "--data", str(shard_set), *SMALL, "--nproc", "2", "--batch-size", "8",
                              "--epochs", "3", "--out", str(run)],
                             env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path):
+    run = tmp_path / "run"
+    proc = _start_two_process_run(shard_set, run)
     try:
         _wait_for_step(run, 2, proc)
         proc.send_signal(signal.SIGTERM)
@@ -122,10 +127,7 @@ def test_one_rank_killed_ends_the_run_in_one_line_naming_it(shard_set, tmp_path)
     """The out-of-memory killer takes one rank of a 2-process run: the launcher stops the other, and
     the command says which rank died of what, and how to continue -- in one line, exit 1."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([*TRAIN, "--data", str(shard_set), *SMALL, "--nproc", "2", "--batch-size", "8",
-                             "--epochs", "3", "--out", str(run)],
-                            env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_two_process_run(shard_set, run)
     try:
         _wait_for_step(run, 1, proc)
         workers = _spawned_workers(proc.pid)
