@@ -216,12 +216,20 @@ class DaliLoader:
                 for i in range(len(jpgs)):
                     candidates.setdefault(_source_name(sources.at(i)), np.asarray(jpgs.at(i)))
         del replay
-        bad = [name for name, data in candidates.items() if name not in self._drop and not _decodes(data)]
+        candidates = {name: data for name, data in candidates.items() if name not in self._drop}
+        cpu = DecodeCheck(device_id=None)
+        bad = [name for name, data in candidates.items() if not cpu.decodes(data)]
+        if not bad and self.spec.device == "cuda":
+            # nvJPEG / the hardware decoder may refuse a JPEG libjpeg-turbo accepts: ask the GPU
+            # decoder itself. If it refuses every candidate, the fault is not in the data.
+            gpu = DecodeCheck(device_id=self.spec.device_id)
+            gpu_bad = [name for name, data in candidates.items() if not gpu.decodes(data)]
+            bad = gpu_bad if len(gpu_bad) < len(candidates) else []
         where = f"rank {self.spec.rank}, {self.spec.split} epoch {self.epoch}, batch {failed_batch}"
         if not bad:
             first_line = next((ln for ln in str(error).splitlines() if "failure" in ln or "rror" in ln), str(error))
             raise RuntimeError(f"DALI failed at {where} ({first_line.strip()}), but every sample of that batch "
-                               f"decodes on the CPU; see the DALI error above") from error
+                               f"decodes on its own; see the DALI error above") from error
         if self.spec.on_corrupt == "error":
             names = ", ".join(f"shard {tar}, key {key}" for tar, key in (n.rsplit(":", 1) for n in bad))
             raise CorruptSampleError(f"corrupt JPEG ({names}) at {where}: re-make that shard, or pass "
@@ -307,19 +315,30 @@ def _source_name(info) -> str:
     return f"{tar}:{member.split('.', 1)[0]}"
 
 
-def _decodes(data: np.ndarray) -> bool:
-    """Whether DALI's CPU decoder decodes these JPEG bytes (a one-sample pipeline)."""
-    from alexnet_fast.pipeline.dali_pipelines import decode_check_pipeline
+class DecodeCheck:
+    """Whether DALI decodes given JPEG bytes, one sample at a time: with its CPU decoder, or with
+    `device_id` the mixed (GPU) decoder the train pipeline uses. One pipeline serves every sample
+    that decodes; a failure leaves it unusable, so the next sample gets a new one."""
 
-    pipe = decode_check_pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
-                                 exec_async=False, exec_pipelined=False)
-    pipe.build()
-    pipe.feed_input("jpg", [data])
-    try:
-        pipe.run()
-        return True
-    except RuntimeError:
-        return False
+    def __init__(self, device_id: int | None) -> None:
+        self.device_id = device_id
+        self._pipe = None
+
+    def decodes(self, data: np.ndarray) -> bool:
+        from alexnet_fast.pipeline.dali_pipelines import decode_check_pipeline
+
+        if self._pipe is None:
+            self._pipe = decode_check_pipeline(
+                on_gpu=self.device_id is not None, batch_size=1, num_threads=1, device_id=self.device_id,
+                prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+            self._pipe.build()
+        self._pipe.feed_input("jpg", [data])
+        try:
+            self._pipe.run()
+            return True
+        except RuntimeError:
+            self._pipe = None
+            return False
 
 
 def _dali_to_torch(batch, device: torch.device, borrow: bool = False) -> torch.Tensor:

@@ -149,7 +149,8 @@ def replay_reader_pipeline(reader: ReaderConfig):
 
 
 @pipeline_def
-def decode_check_pipeline():
-    """Decodes encoded images fed as "jpg" with the CPU decoder (the corrupt-sample check)."""
+def decode_check_pipeline(on_gpu: bool = False):
+    """Decodes encoded images fed as "jpg" with the CPU decoder, or the train pipeline's GPU one
+    (the corrupt-sample check)."""
     jpg = fn.external_source(name="jpg", dtype=types.UINT8)
-    return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+    return decode(jpg, DecodeConfig(on_gpu=on_gpu))

@@ -221,6 +221,9 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(shard_set, split):
     assert (images.device, labels.device, sources.device) == ("gpu", "gpu", "cpu")
     decoder = next(op for op in pipe._ops if repr(op.spec).startswith("OpSpec for decoders__Image"))
     assert "device: mixed" in repr(decoder.spec) and "hw_decoder_load: 0.75" in repr(decoder.spec)
+    check = dp.decode_check_pipeline(on_gpu=True, **args)      # the corrupt-sample check's GPU twin
+    check._build_graph()
+    assert [o.device for o in check._graph_outputs] == ["gpu"]
 
 
 @pytest.mark.parametrize("kind", ["dali", "baseline"])
