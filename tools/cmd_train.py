@@ -264,6 +264,8 @@ def demo_command(out_dir: str | None, device: str, loader: str) -> None:
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="alexnet-fast-demo-") as tmp:
             run_demo(Path(tmp), device, loader)
+        click.echo("(the sample, shards, checkpoints and curves.png were in a temp dir, now removed: "
+                   "keep them with --out DIR)")
     else:
         run_demo(Path(out_dir), device, loader)
 
