@@ -12,8 +12,8 @@ baseline loader) it replays the epoch up to `batches_done` instead: the same bat
 Corrupt samples (a JPEG inside a shard that does not decode): DALI reports only "nvImageCodec
 failure" for the batch, not which sample. The DALI loader then replays the reader alone (same
 config and seed, so the same order, no decoding) over the failed batch and the prefetched ones,
-decodes each candidate with DALI's CPU decoder and names the shard and key in a
-`CorruptSampleError`. With `on_corrupt="skip"` it instead points that sample at another sample of
+decodes each candidate with DALI's CPU decoder (on a GPU run, if all of them decode there, with
+the GPU decoder too) and names the shard and key in a `CorruptSampleError`. With `on_corrupt="skip"` it instead points that sample at another sample of
 the same tar in a patched copy of the .idx (index_patches.py: the sample count and order stay the
 same, so rank ranges and shuffles are unchanged), drops that row from its batches, and counts it
 in `loader.skipped` / `loader.num_skipped`.
@@ -25,7 +25,6 @@ cut short are skipped as above (and counted when their rows are dropped). The ba
 needs no .idx; it cannot skip the lost samples of a cut-short tar and stops naming it.
 """
 from __future__ import annotations
-
 
 import numpy as np
 import torch
