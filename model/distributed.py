@@ -116,7 +116,8 @@ def launch(entrypoint: Callable[..., Any], nproc: int, args: tuple = ()) -> dict
 def exit_failed(message: str) -> None:
     """End this worker now with exit code 1, its error in the launcher's error file (torchelastic's
     TORCHELASTIC_ERROR_FILE, read back as the failure's message by our command) and on stderr
-    when no command of ours reads it (an outer torchrun, or no launcher). os._exit: no collective, no atexit handler, nothing that could wait on the others."""
+    when no command of ours reads it (an outer torchrun, or no launcher). os._exit: no
+    collective, no atexit handler, nothing that could wait on the others."""
     import json
     import time
 

@@ -63,13 +63,13 @@ class _EpochSamples(torch.utils.data.IterableDataset):
             if full == 0:
                 return
         for sample in samples:
-            if self.excluded and f"{sample['__url__']}:{sample['__key__']}" in self.excluded:
-                skipped.append(f"{sample['__url__']}:{sample['__key__']}")
+            name = f"{sample['__url__']}:{sample['__key__']}"
+            if name in self.excluded:
+                skipped.append(name)
                 continue
             try:
                 pixels = decode_rgb(sample["jpg"])
             except Exception as e:  # noqa: BLE001 -- PIL raises several types for a broken file
-                name = f"{sample['__url__']}:{sample['__key__']}"
                 if self.spec.on_corrupt == "error":
                     yield ("corrupt", f"corrupt JPEG (shard {sample['__url__']}, key {sample['__key__']}): {e}")
                     return

@@ -46,9 +46,8 @@ class DaliLoader:
         self.skipped: list[str] = []            # "<tar>:<key>" of every sample left out so far on this rank
         self.notes: list[str] = []              # one line per damaged shard worked around (on_corrupt="skip")
         self._patches = IndexPatches()          # index copies that point skipped samples at a donor
-        self._drop: set[str] = set()            # names whose rows are dropped: corrupt and lost samples
-        self._left_out: set[str] = set()        # names left out from the start: lost to a cut, or excluded
-        self._left_out_rows: dict[str, set[int]] = {}   # tar path -> positions of those samples in it
+        self._drop: set[str] = set()            # names whose rows are dropped: corrupt, lost or excluded samples
+        self._drop_rows: dict[str, set[int]] = {}   # tar path -> positions of those samples in it
         self._plan = EpochPlan.make(spec, shard_set, 0)
         for damage in damaged:
             self._work_around(damage)
@@ -62,8 +61,7 @@ class DaliLoader:
     def num_samples(self) -> int:
         if self.spec.split == "train":
             return self._plan.num_samples
-        found_later = sum(name not in self._left_out for name in self.skipped)
-        return self._plan.num_samples - found_later - self._left_out_in_range()
+        return self._plan.num_samples - self._dropped_in_range()
 
     @property
     def num_skipped(self) -> int:
@@ -237,15 +235,8 @@ class DaliLoader:
             self._skip(name)
 
     def _skip(self, name: str) -> None:
-        """Leave out a corrupt sample: point it at another sample of its tar in a patched index copy."""
-        tar, key = name.rsplit(":", 1)
-        shard = next(s for s in self.shard_set.shards(self.spec.split) if str(s.tar) == tar)
-        header, rows = self._patches.rows(shard.tar, shard.index)
-        try:
-            self._patches.redirect(shard.tar, header, rows, {key})
-        except LookupError:
-            raise CorruptSampleError(f"every sample of shard {tar} is corrupt: re-make that shard") from None
-        self._drop.add(name)
+        """Leave out a corrupt sample found while reading, counted at once (its batch is re-run)."""
+        self.exclude([name])
         self.skipped.append(name)
 
     def _work_around(self, damage: ShardDamage) -> None:
@@ -276,7 +267,8 @@ class DaliLoader:
 
     def exclude(self, names: list[str]) -> None:
         """Leave these samples ("<tar>:<key>") out from now on, skipped and counted when their rows
-        are dropped: the samples `train --verify-shards` found changed since make_shards."""
+        are dropped (the samples `train --verify-shards` found changed since make_shards): each
+        points at another sample of its tar in a patched index copy."""
         by_tar: dict[str, set[str]] = {}
         for name in names:
             tar, key = name.rsplit(":", 1)
@@ -288,20 +280,20 @@ class DaliLoader:
                 try:
                     self._leave_out(shard, header, rows, keys)
                 except LookupError:
-                    raise CorruptSampleError(f"every sample of shard {shard.tar} is damaged: re-make that shard") from None
+                    raise CorruptSampleError(f"every sample of shard {shard.tar} is damaged or corrupt: "
+                                             f"re-make that shard") from None
 
     def _leave_out(self, shard: ShardFile, header: str, rows: list[Row], keys: set[str]) -> None:
         self._patches.redirect(shard.tar, header, rows, keys)
         names = {f"{shard.tar}:{key}" for key in keys}
         self._drop |= names
-        self._left_out |= names
-        self._left_out_rows.setdefault(str(shard.tar), set()).update(i for i, r in enumerate(rows) if row_key(r) in keys)
+        self._drop_rows.setdefault(str(shard.tar), set()).update(i for i, r in enumerate(rows) if row_key(r) in keys)
 
-    def _left_out_in_range(self) -> int:
-        """Val: how many samples left out from the start fall into this rank's part (manifest order)."""
+    def _dropped_in_range(self) -> int:
+        """Val: how many of the dropped samples fall into this rank's part (manifest order)."""
         count, offset = 0, 0
         for shard in self._plan.shards:
-            rows = self._left_out_rows.get(str(shard.tar), ())
+            rows = self._drop_rows.get(str(shard.tar), ())
             count += sum(self._plan.start <= offset + i < self._plan.stop for i in rows)
             offset += shard.samples
         return count

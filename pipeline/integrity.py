@@ -6,9 +6,9 @@ would put per-sample Python there. This check reads each shard once: the tar's s
 manifest, and only for a tar that differs, each sample's `.jpg` against the `jpg_sha256` its
 `.json` carries and its `.lbl` against its `.cls`, which names the samples that changed.
 `alexnet-fast verify` does all of this and more (decodes every JPEG, checks the .idx); this is the
-part the trainer needs, at the speed of reading the shards (hashlib releases the GIL; shards are
-spread over threads: hashlib releases the GIL while it hashes a chunk, and the trainer calls this
-after CUDA and NCCL started threads of their own, where forking is best avoided).
+part the trainer needs, at the speed of reading the shards. Shards are spread over threads, not
+processes: hashlib releases the GIL while it hashes a chunk, and the trainer calls this after CUDA
+and NCCL started threads of their own, where forking is best avoided.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import json
 import struct
 import tarfile
 from dataclasses import dataclass
-
 from multiprocessing.pool import ThreadPool
+
 from alexnet_fast.pipeline.shardset import ShardFile
 
 CHUNK = 1 << 20
