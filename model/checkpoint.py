@@ -22,7 +22,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -147,9 +147,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(path_or_run_dir: str | Path) -> tuple[dict, Path]:
+def load_checkpoint(path_or_run_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:
     """A checkpoint file, or a run directory's newest good one: last.pt, else (with a warning)
-    last.prev.pt. Returns (state, the path it came from)."""
+    last.prev.pt. Returns (state, the path it came from). The warning goes to `warn` (commands
+    print it as one line) or, without it, to Python's warnings."""
     target = Path(path_or_run_dir)
     if not target.is_dir():
         return read_checkpoint(target), target
@@ -165,8 +166,11 @@ def load_checkpoint(path_or_run_dir: str | Path) -> tuple[dict, Path]:
             errors.append(str(e))
             continue
         if errors and candidate.name != LAST:
-            warnings.warn(f"{'; '.join(errors)}; resuming from the previous good checkpoint {candidate}",
-                          stacklevel=2)
+            message = f"{'; '.join(errors)}; resuming from the previous good checkpoint {candidate}"
+            if warn is not None:
+                warn(message)
+            else:
+                warnings.warn(message, stacklevel=2)
         return state, candidate
     raise CheckpointError(f"no usable checkpoint in {str(target)!r}: {'; '.join(errors)}")
 

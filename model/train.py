@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -261,7 +260,6 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
         data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch, rank=ctx.rank,
         world_size=ctx.world_size, device="cuda" if on_gpu else "cpu", device_id=ctx.local_rank,
         seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
-        # bf16 images halve the loader's device memory traffic; autocast would cast them anyway
         dtype=image_dtype(ctx.device.type, precision),
         on_corrupt=cfg.on_corrupt, scale_by_std=cfg.scale_by_std,
         borrow_buffers=True,    # each batch is consumed by one step before the next is asked for
@@ -274,14 +272,12 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, per_rank_batch: int, precisi
     return train, val
 
 
-def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, loaders: list) -> None:
+def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, shard_set, loaders: list) -> None:
     """--verify-shards: hash the shards against the manifest (each rank a share of them, then all
     ranks learn every finding); samples whose bytes changed stop the run, or with --on-corrupt skip
     are left out of `loaders` and counted like corrupt ones."""
     from alexnet_fast.pipeline.integrity import check_shards
-    from alexnet_fast.pipeline.shardset import ShardSet
 
-    shard_set = ShardSet.open(cfg.data)
     shards = [s for split in ("train", "val") if shard_set.has_split(split) for s in shard_set.shards(split)]
     started = time.perf_counter()
     mine = check_shards(shards[ctx.rank::ctx.world_size], workers=cfg.workers)
@@ -395,7 +391,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         for note in train_loader.notes + (val_loader.notes if val_loader is not None else []):
             print(f"alexnet-fast train: warning: {note}", file=sys.stderr, flush=True)
     if cfg.verify_shards:
-        exclude_changed_samples(cfg, ctx, [loader for loader in (train_loader, val_loader) if loader is not None])
+        exclude_changed_samples(cfg, ctx, shards, [loader for loader in (train_loader, val_loader) if loader is not None])
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has fewer than {per_rank_batch} images per rank: "
@@ -530,12 +526,11 @@ def resume_from_checkpoint(cfg: TrainConfig, ctx: D.DistContext, run_dir: Path, 
                            model: nn.Module, optimizer, step_scheduler, plateau, scaler) -> tuple[TrainState, dict | None]:
     """Load the newest good checkpoint of `run_dir` into the run's objects; returns where the run
     stands and this rank's train loader state (None when the world size changed)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        saved, path = ckpt.load_checkpoint(run_dir)
-    for warning in caught:      # a damaged last.pt: one plain line, not a Python warning dump
+    def warn(message: str) -> None:     # a damaged last.pt: one plain line, from rank 0
         if ctx.is_main:
-            print(f"alexnet-fast train: warning: {warning.message}", file=sys.stderr, flush=True)
+            print(f"alexnet-fast train: warning: {message}", file=sys.stderr, flush=True)
+
+    saved, path = ckpt.load_checkpoint(run_dir, warn)
     if saved["arch"] != cfg.arch or saved["num_classes"] != num_classes:
         raise TrainingError(f"{path} holds {saved['arch']} with {saved['num_classes']} classes, "
                             f"not {cfg.arch} with {num_classes}")

@@ -10,6 +10,7 @@ so `alexnet-fast shards --help` does not pay for importing torch or DALI.
     alexnet-fast train --data OUT --out RUN   # AlexNet, DDP over every visible GPU
     alexnet-fast eval --data OUT --checkpoint RUN/best.pt
     alexnet-fast profile --data OUT           # img/s per stage and what bounds the run
+    alexnet-fast plot RUN [RUN ...]           # loss / accuracy / img/s curves of runs, compared
 
 User mistakes (bad flags, missing paths, unreadable data) end with one line on stderr and a
 non-zero exit (2 for usage errors), never a traceback.
@@ -38,6 +39,21 @@ class UserError(click.ClickException):
     """A mistake in what the user asked for (a path, a flag, missing labels): one line, exit 2."""
 
     exit_code = 2
+
+
+def check_device(device: str, gpus: int = 0) -> str:
+    """A command's --device (auto|cuda|cpu) and --gpus checked against what torch sees; returns the
+    device to use, "cuda" or "cpu". Under torchrun --gpus is the launcher's business, not checked."""
+    import torch
+
+    from alexnet_fast.model.distributed import resolve_device, under_launcher
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    resolved = resolve_device(device)
+    if resolved == "cuda" and gpus > torch.cuda.device_count() and not under_launcher():
+        raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    return resolved
 
 
 class LazyGroup(click.Group):

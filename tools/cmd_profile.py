@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from alexnet_fast.model.alexnet import ARCH_NAMES
-from alexnet_fast.tools.cli import UserError
+from alexnet_fast.tools.cli import UserError, check_device
 
 # Small on CPU so the whole profile finishes in a few minutes on 2 cores; GPU sizes give the
 # device enough steps to reach steady state (cuDNN autotuning happens in the warm-up).
@@ -68,17 +68,12 @@ def profile_command(data, device, arch, precision, batch_size, steps, repeats, w
                     json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s, scaling_batch_factor):
     """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
     one bounds the run: warm-up, timed repetitions, median."""
-    import torch
-
     from alexnet_fast.pipeline.shardset import ShardSetError
     from alexnet_fast.tools import scaling as sc
     from alexnet_fast.tools.stage_profiler import (ALL_STAGES, DATA_STAGES, ProfileConfig, ProfileError, Stage,
                                                    format_table, profile, write_plot)
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch")
+    device = check_device(device)
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     if assume_img_per_s is not None and not scaling:
         raise click.BadParameter("only means something with --scaling", param_hint="--assume-img-per-s")

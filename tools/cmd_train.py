@@ -10,7 +10,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from alexnet_fast.model.config import TrainConfig, config_options, resolve_config
-from alexnet_fast.tools.cli import UserError
+from alexnet_fast.tools.cli import UserError, check_device
 
 if TYPE_CHECKING:   # torch-heavy: imported when a command runs, not when the CLI starts
     from alexnet_fast.model.evaluate import EvalConfig, EvalResult
@@ -39,15 +38,9 @@ def _open_shards(data: str):
 
 
 def _check_devices(cfg: TrainConfig) -> None:
-    import torch
-
     from alexnet_fast.model import distributed as D
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
-    device = D.resolve_device(cfg.device)
-    if device == "cuda" and cfg.gpus > torch.cuda.device_count() and not D.under_launcher():
-        raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    device = check_device(cfg.device, cfg.gpus)
     if device == "cpu" and cfg.grad_compression == "bf16":
         raise click.BadParameter("bf16 compression needs NCCL (a GPU run); gloo has no bf16 all-reduce hook",
                                  param_hint="--grad-compression")
@@ -170,28 +163,20 @@ def _check_eval(cfg: "EvalConfig") -> str:
     """What `eval` needs before any worker starts: a shard set with a val split, the devices asked
     for, a readable checkpoint with as many classes as the shard set. Returns the checkpoint file
     (a run directory resolved to its newest good one, so every rank loads the same file)."""
-    import torch
-
     from alexnet_fast.model import checkpoint as ckpt
-    from alexnet_fast.model import distributed as D
 
     shards = _open_shards(cfg.data)
     if not shards.has_split("val"):
         raise UserError(f"shard set {cfg.data!r} has no val samples to evaluate")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
-    if (D.resolve_device(cfg.device) == "cuda" and cfg.gpus > torch.cuda.device_count()
-            and not D.under_launcher()):
-        raise UserError(f"--gpus {cfg.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    check_device(cfg.device, cfg.gpus)
+    def warn(message: str) -> None:     # a damaged last.pt, last.prev.pt used: one plain line, from rank 0
+        if int(os.environ.get("RANK", 0)) == 0:
+            click.echo(f"alexnet-fast eval: warning: {message}", err=True)
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            state, path = ckpt.load_checkpoint(cfg.checkpoint)
+        state, path = ckpt.load_checkpoint(cfg.checkpoint, warn)
     except ckpt.CheckpointError as e:
         raise UserError(str(e)) from None
-    for warning in caught:      # a damaged last.pt, last.prev.pt used: one plain line, from rank 0
-        if int(os.environ.get("RANK", 0)) == 0:
-            click.echo(f"alexnet-fast eval: warning: {warning.message}", err=True)
     if state["num_classes"] != shards.num_classes:
         raise UserError(f"the checkpoint has {state['num_classes']} classes, the shard set {shards.num_classes}")
     return str(path)
@@ -252,15 +237,9 @@ DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=1
 def demo_command(out_dir: str | None, device: str, loader: str) -> None:
     """Write the built-in procedural sample as a raw ImageNet tree, shard it, train AlexNet
     (one-weird-trick variant) on it, evaluate, and print images/sec and accuracy."""
-    import torch
-
-    from alexnet_fast.model.distributed import resolve_device
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    device = check_device(device)
     if out_dir is not None:
         _check_out_dir(out_dir, "--out")
-    device = resolve_device(device)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="alexnet-fast-demo-") as tmp:
             run_demo(Path(tmp), device, loader)
