@@ -20,8 +20,9 @@ import webdataset as wds
 from PIL import Image
 
 from alexnet_fast.pipeline.augment import ColorStats, centre_params, draw_params, reference_augment, reference_ten_crop
-from alexnet_fast.pipeline.loaders import (CorruptSampleError, EpochPlan, LoaderSpec, ShardDamage, color_stats,
-                                           derive_seed, rank_range)
+from alexnet_fast.pipeline.epoch_plan import EpochPlan, derive_seed, rank_range
+from alexnet_fast.pipeline.loader_spec import CorruptSampleError, LoaderSpec, color_stats
+from alexnet_fast.pipeline.shard_damage import ShardDamage
 from alexnet_fast.pipeline.shardset import ShardSet
 
 

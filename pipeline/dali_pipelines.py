@@ -15,7 +15,7 @@ Val: the centre crop, or ten views (augment.TEN_CROP_VIEWS) stacked as [10, ...]
 
 Every pipeline returns (images, labels, source_info[, params...]). `source_info` is the reader's
 "<tar>:<offset>:<key>.jpg" string per sample; the loader looks at it only to drop a sample that
-`on_corrupt="skip"` replaced (see loaders.py), otherwise it never leaves DALI.
+`on_corrupt="skip"` replaced (see left_out.py), otherwise it never leaves DALI.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ READER_NAME = "reader"
 @dataclass(frozen=True)
 class ReaderConfig:
     paths: tuple[str, ...]          # tar files, in the order the reader splits them into rank ranges
-    index_paths: tuple[str, ...]    # DALI .idx beside each tar (or a patched copy, see loaders.py)
+    index_paths: tuple[str, ...]    # DALI .idx beside each tar (or a patched copy, see index_patches.py)
     shard_id: int = 0               # this rank
     num_shards: int = 1             # world size
     shuffle: bool = False

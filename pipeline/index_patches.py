@@ -1,12 +1,12 @@
 """Patched copies of DALI index files: how the DALI loader leaves samples out without changing
 the number of samples the reader sees.
 
-DALI's webdataset reader takes every part of a sample from the shard's .idx: one line per sample
-of `<ext> <offset> <size> <member name>` groups (the format `tarwriter.py` writes). In a copy of
-the index where a sample's offsets point at another, intact sample of the same tar (the donor),
-the reader returns the donor's bytes under the left-out sample's name; the loader drops rows with
-that name from its batches. The sample count and order stay what the manifest says, so rank
-ranges, shuffles and batch counts do not change. Used for (with `on_corrupt="skip"`):
+DALI's webdataset reader takes every part of a sample from the shard's .idx (format and row helpers:
+shard_format.py). In a copy of the index where a sample's offsets point at another, intact sample
+of the same tar (the donor), the reader returns the donor's bytes under the left-out sample's name;
+the loader drops rows with that name from its batches (left_out.py keeps that account). The sample
+count and order stay what the manifest says, so rank ranges, shuffles and batch counts do not
+change. Used for (with `on_corrupt="skip"`):
 - a JPEG that does not decode;
 - a tar cut short: the samples with a part past the end of the file;
 - a missing .idx: rebuilt from the tar's headers (what DALI's wds2idx does), and if the tar is
@@ -18,46 +18,22 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-Row = list[str]          # one index line, split: ext offset size name, ext offset size name, ...
-
-
-def row_key(row: Row) -> str:
-    """The sample key of an index line (member names are `<key>.<ext>`)."""
-    return row[3].split(".", 1)[0]
-
-
-def row_fits(row: Row, size: int) -> bool:
-    """Whether every part of the sample lies within the first `size` bytes of the tar."""
-    return all(int(row[i + 1]) + int(row[i + 2]) <= size for i in range(0, len(row), 4))
-
-
-def read_index(path: Path) -> tuple[str, list[Row]]:
-    """(header line, rows) of a DALI index file."""
-    header, *lines = Path(path).read_text().splitlines()
-    return header, [line.split() for line in lines if line.strip()]
+from alexnet_fast.pipeline.shard_format import Row, index_text, read_index, row_fits, row_key, rows_from_members
 
 
 def index_from_tar(tar: Path) -> list[Row]:
     """The index rows of the samples whose parts are all present in `tar`, from its member headers
     (no data is read). Stops quietly where a cut-short tar ends."""
     size = tar.stat().st_size
-    rows: list[Row] = []
-    row: Row = []
+    members: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(tar, mode="r:") as archive:
             for member in archive:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if row and row_key(row) != key:
-                    rows.append(row)
-                    row = []
-                row += [ext, str(member.offset_data), str(member.size), member.name]
+                if member.isfile():
+                    members.append(member)
     except (tarfile.TarError, EOFError, OSError):
         pass                          # the cut: what was read so far stands
-    if row:
-        rows.append(row)
-    return [r for r in rows if row_fits(r, size)]
+    return [r for r in rows_from_members(members) if row_fits(r, size)]
 
 
 class IndexPatches:
@@ -90,6 +66,6 @@ class IndexPatches:
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="alexnet-fast-idx-")
         path = Path(self._dir.name) / (Path(tar).name + ".idx")
-        path.write_text("\n".join([header] + [" ".join(r) for r in rows]) + "\n")
+        path.write_text(index_text(header, rows))
         self._paths[str(tar)] = path
         self._redirected[str(tar)] = redirected

@@ -13,12 +13,11 @@ and NCCL started threads of their own, where forking is best avoided.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 import tarfile
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 
+from alexnet_fast.pipeline.shard_format import SAMPLE_PARTS, sample_intact
 from alexnet_fast.pipeline.shardset import ShardFile
 
 CHUNK = 1 << 20
@@ -55,20 +54,11 @@ def _changed_keys(shard: ShardFile) -> list[str]:
             for member in tar:
                 if member.isfile():
                     key, _, ext = member.name.partition(".")
-                    if ext in ("jpg", "cls", "lbl", "json"):
+                    if ext in SAMPLE_PARTS:
                         parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError):
         pass        # a tar cut short: the loader's size check names it; judge what was read
-    return [key for key, sample in parts.items() if not _intact(sample)]
-
-
-def _intact(sample: dict[str, bytes]) -> bool:
-    try:
-        meta = json.loads(sample["json"])
-        label_ok = struct.unpack("<i", sample["lbl"])[0] == int(sample["cls"])
-        return label_ok and hashlib.sha256(sample["jpg"]).hexdigest() == meta["jpg_sha256"]
-    except (KeyError, ValueError, TypeError, struct.error):
-        return False
+    return [key for key, sample in parts.items() if not sample_intact(sample)]
 
 
 def check_shards(shards: list[ShardFile], workers: int = 1) -> list[ShardCheck]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -19,10 +18,9 @@ from pathlib import Path
 from PIL import Image
 
 from alexnet_fast.pipeline.procpool import fork_pool
+from alexnet_fast.pipeline.shard_format import (SAMPLE_PARTS, index_header, index_text, jpg_sha256,
+                                                recorded_jpg_sha256, rows_from_members, sample_labels)
 from alexnet_fast.pipeline.shardset import SPLITS, ShardFile, ShardSet
-from alexnet_fast.tools.sharding.tarwriter import DALI_INDEX_VERSION
-
-COMPONENTS = ("jpg", "cls", "lbl", "json")
 
 
 @dataclass
@@ -54,11 +52,10 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         problems.append(f"{name}: sha256 differs from the manifest")
     samples: dict[str, dict[str, bytes]] = {}
-    lines: list[str] = []
+    members: list[tarfile.TarInfo] = []     # the files read, for the index this tar should have
     reading = None      # the member being read: where a cut-short tar ends
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            last_key = None
             for m in tar:
                 if not m.isfile():
                     continue
@@ -66,12 +63,7 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
                 reading = m.name
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
                 reading = None
-                part = f"{ext} {m.offset_data} {m.size} {m.name}"
-                if key == last_key:
-                    lines[-1] += " " + part
-                else:
-                    lines.append(part)
-                last_key = key
+                members.append(m)
     except (tarfile.TarError, OSError, EOFError) as e:
         where = f" in sample {reading.partition('.')[0]} ({reading})" if reading else ""
         return len(samples), problems + [f"{name}: unreadable tar{where} after {len(samples)} samples: {e}"]
@@ -80,25 +72,26 @@ def verify_shard(shard: ShardFile, num_classes: int) -> tuple[int, list[str]]:
     for key, parts in samples.items():
         problems.extend(_check_sample(name, key, parts, num_classes))
     if shard.index.is_file():
-        expected = f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+        rows = rows_from_members(members)
+        expected = index_text(index_header(len(rows)), rows)
         if shard.index.read_text(errors="replace") != expected:
             problems.append(f"{name}: index {shard.index.name} does not match the tar")
     return len(samples), problems
 
 
 def _check_sample(shard: str, key: str, parts: dict[str, bytes], num_classes: int) -> list[str]:
+    """The shared per-sample check (shard_format), one finding per problem; and every JPEG decodes."""
     where = f"{shard}: sample {key}"
-    missing = [c for c in COMPONENTS if c not in parts]
+    missing = [c for c in SAMPLE_PARTS if c not in parts]
     if missing:
         return [f"{where}: missing {', '.join('.' + c for c in missing)}"]
     problems = []
     try:
-        label = int(parts["cls"])
-        if struct.unpack("<i", parts["lbl"])[0] != label or not 0 <= label < num_classes:
+        label, labels_agree = sample_labels(parts)
+        if not labels_agree or not 0 <= label < num_classes:
             problems.append(f"{where}: .cls {label} / .lbl disagree or out of range [0, {num_classes})")
-        meta = json.loads(parts["json"])
-        digest = meta.get("jpg_sha256") if isinstance(meta, dict) else None
-        if digest is not None and hashlib.sha256(parts["jpg"]).hexdigest() != digest:
+        digest = recorded_jpg_sha256(parts)     # a sample written without one is not judged by it
+        if digest is not None and jpg_sha256(parts["jpg"]) != digest:
             problems.append(f"{where}: .jpg bytes differ from the sha256 written with it")
     except (ValueError, struct.error) as e:
         problems.append(f"{where}: bad label or metadata: {e}")

@@ -1,0 +1,133 @@
+"""What a caller asks a data loader for (`LoaderSpec`), what every loader gives back (the `Loader`
+protocol), the choices a spec may take, and the default worker count per rank.
+
+Both loaders (dali_loader.py, baseline.py) and `loaders.make_loader` import this module; it imports
+neither, so the contract sits below the implementations (no import cycle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Protocol, get_args
+
+import torch
+
+from alexnet_fast.pipeline.augment import ColorStats
+from alexnet_fast.pipeline.host import usable_cores
+from alexnet_fast.pipeline.shardset import SPLITS, ShardSet
+
+LoaderKind = Literal["dali", "baseline"]
+OnCorrupt = Literal["error", "skip"]
+LoaderDevice = Literal["cpu", "cuda"]
+
+LOADER_KINDS: tuple[str, ...] = get_args(LoaderKind)           # ("dali", "baseline")
+ON_CORRUPT_MODES: tuple[str, ...] = get_args(OnCorrupt)        # ("error", "skip")
+LOADER_DEVICES: tuple[str, ...] = get_args(LoaderDevice)       # ("cpu", "cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    data: str                                   # shard set directory (has manifest.json)
+    split: Literal["train", "val"] = "train"
+    kind: LoaderKind = "dali"
+    batch_size: int = 128                       # per rank
+    rank: int = 0
+    world_size: int = 1
+    device: LoaderDevice = "cpu"
+    device_id: int = 0                          # CUDA device index when device == "cuda"
+    seed: int = 0
+    workers: int = 2                            # DALI threads / DataLoader workers (default_loader_workers)
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    crop: int = 227
+    ten_crop: bool = False                      # val only: images [B,10,3,crop,crop]
+    lighting_std: float = 0.1                   # PCA lighting alpha ~ N(0, lighting_std); 0 disables
+    # (x - mean) / std per channel; False: x - mean only, the paper's centred raw RGB values
+    # (0..255 scale), which its N(0, 0.01) init was tuned for (model/config.py `normalize`)
+    scale_by_std: bool = True
+    on_corrupt: OnCorrupt = "error"
+    shuffle_buffer: int = 4096                  # train: per-rank shuffle buffer (samples)
+    prefetch: int = 2                           # DALI prefetch queue depth / DataLoader prefetch_factor
+    # DALI on the CPU: hand out each image batch as a view of DALI's own output buffer instead of
+    # a copy. The view is valid only until the next batch is requested (DALI recycles the buffer),
+    # which is how the trainer, evaluator and profiler consume batches; code that keeps batches
+    # (tests, list(loader)) must leave this off. Saves a ~40 MB copy per batch of 64 (measured: ~9
+    # of ~37 ms per batch on 2 cores). The GPU path always copies device to device; the baseline
+    # loader ignores it.
+    borrow_buffers: bool = False
+
+
+class Loader(Protocol):
+    num_samples: int                            # samples this rank sees per epoch (val: exact, no padding)
+    skipped: list[str]                          # "<tar>:<key>" of the samples left out so far (on_corrupt="skip")
+    notes: list[str]                            # damaged shards the loader works around (on_corrupt="skip")
+
+    def __len__(self) -> int: ...              # batches per epoch on this rank (same on every rank for train)
+
+    def set_epoch(self, epoch: int) -> None: ...   # the next iteration is epoch `epoch` from its first batch
+
+    def resume(self, epoch: int, batches_done: int, state: dict | None = None) -> bool: ...
+    # the next iteration yields epoch `epoch` from batch `batches_done` on; True if `state` (from
+    # state_dict) restored the loader there, False if it replays the batches before it
+
+    def state_dict(self) -> dict: ...          # where this rank is in its epoch, between two batches
+
+    def exclude(self, names: list[str]) -> None: ...   # leave these "<tar>:<key>" samples out, skipped and counted
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample inside a shard cannot be decoded; the message names the shard and the key."""
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return " or ".join(repr(c) for c in choices)
+
+
+def check_spec(spec: LoaderSpec) -> None:
+    """Raise ValueError naming the first field of `spec` no loader can honour."""
+    if spec.kind not in LOADER_KINDS:
+        raise ValueError(f"loader kind must be {_either(LOADER_KINDS)}, not {spec.kind!r}")
+    if spec.split not in SPLITS:
+        raise ValueError(f"split must be {_either(SPLITS)}, not {spec.split!r}")
+    if spec.ten_crop and spec.split != "val":
+        raise ValueError("ten_crop is for the val split only")
+    if not 0 <= spec.rank < spec.world_size:
+        raise ValueError(f"rank {spec.rank} is outside world size {spec.world_size}")
+    if spec.batch_size < 1 or spec.workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {spec.dtype}")
+    if spec.on_corrupt not in ON_CORRUPT_MODES:
+        raise ValueError(f"on_corrupt must be {_either(ON_CORRUPT_MODES)}, not {spec.on_corrupt!r}")
+
+
+# Not measured on a GPU yet: a ceiling, not a tuned value. With device="cuda" the JPEGs are decoded
+# on the GPU (mixed decoder); DALI's host threads read the tars, parse JPEG headers and run the
+# host half of nvJPEG for the share the hardware decoder does not take (hw_decoder_load=0.75), a
+# few threads' work per GPU. Past that, more threads per rank only compete with the training
+# process's own host threads (Python, the CUDA launch queue, NCCL) on a node whose cores are shared
+# by all its GPUs' ranks.
+GPU_LOADER_WORKERS_CAP = 8
+
+
+def default_loader_workers(device: str, local_ranks: int = 1, *, cores: int | None = None) -> int:
+    """DALI threads / DataLoader workers for one rank when the user names none: the cores this
+    process may use (`cores`, default `usable_cores()`) shared evenly by the `local_ranks` ranks on
+    this machine, at least 1. With device="cpu" the loader decodes and augments every image on
+    these cores, so it gets its whole share; with "cuda" the share is capped at
+    GPU_LOADER_WORKERS_CAP (see there)."""
+    if device not in LOADER_DEVICES:
+        raise ValueError(f"device must be {_either(LOADER_DEVICES)}, not {device!r}")
+    if local_ranks < 1:
+        raise ValueError(f"local_ranks must be at least 1, not {local_ranks}")
+    share = max(1, (usable_cores() if cores is None else cores) // local_ranks)
+    return min(share, GPU_LOADER_WORKERS_CAP) if device == "cuda" else share
+
+
+def color_stats(spec: LoaderSpec, shard_set: ShardSet) -> ColorStats:
+    """The ColorStats a loader normalizes and lights with: stats.json, or with scale_by_std off
+    its mean-only variant."""
+    stats = ColorStats.from_dict(shard_set.stats())
+    return stats if spec.scale_by_std else stats.centred_only()
