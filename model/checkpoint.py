@@ -10,7 +10,7 @@ old complete checkpoint or the new complete one. A failing write (disk full, a k
 old file in place and removes the temp file. A load that finds `last.pt` truncated or unreadable
 warns and falls back to `last.prev.pt`.
 
-A checkpoint is a dict:
+What a checkpoint holds is written in one place, `capture` (and read back in `restore`):
     {"format": CHECKPOINT_FORMAT, "model": unwrapped state_dict, "optimizer", "scheduler", "scaler",
      "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states],
      "loader": [per-rank train loader state_dict(): the DALI pipeline checkpoint, to resume mid-epoch],
@@ -21,19 +21,87 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
+
+from alexnet_fast.model.errors import RunError, TrainingError
+from alexnet_fast.model.loop import TrainState
 
 CHECKPOINT_FORMAT = "alexnet-fast-checkpoint-v1"
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 REQUIRED_KEYS = ("format", "model", "epoch", "step", "arch", "num_classes")
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunError):
     """No usable checkpoint; the message is one line for the user."""
+
+
+@dataclass
+class RunObjects:
+    """The objects of a run whose state a checkpoint carries."""
+    model: nn.Module                 # the unwrapped network (no DDP/compile wrapper: loads anywhere)
+    optimizer: torch.optim.Optimizer
+    step_scheduler: Any              # per-step LambdaLR, or None
+    plateau: Any                     # per-epoch ReduceLROnPlateau, or None
+    scaler: torch.amp.GradScaler
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What the run is, fixed for its life: a resume must match it, eval reads it."""
+    config: dict                     # the resolved TrainConfig as a dict
+    arch: str
+    num_classes: int
+    classes: list[str]
+    world_size: int
+
+
+def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: list[dict],
+            loaders: list[dict]) -> dict:
+    """The checkpoint of a run at `state`: `rng` and `loaders` are every rank's RNG states and
+    train loader states, in rank order."""
+    return {
+        "model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
+        "scheduler": {"step": objects.step_scheduler.state_dict() if objects.step_scheduler else None,
+                      "plateau": objects.plateau.state_dict() if objects.plateau else None},
+        "scaler": objects.scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
+        "best_top1": state.best_top1, "rng": rng, "loader": loaders,
+        "config": identity.config, "arch": identity.arch, "num_classes": identity.num_classes,
+        "classes": identity.classes, "world_size": identity.world_size,
+    }
+
+
+@dataclass(frozen=True)
+class Restored:
+    state: TrainState
+    rng: dict | None                 # this rank's RNG states; None when the world size changed
+    loader: dict | None              # this rank's train loader state; None when the world size changed
+
+
+def restore(saved: dict, objects: RunObjects, identity: RunIdentity, rank: int, source: Path) -> Restored:
+    """Load a checkpoint `capture` wrote into the run's objects. TrainingError if it belongs to
+    another network or class count."""
+    if saved["arch"] != identity.arch or saved["num_classes"] != identity.num_classes:
+        raise TrainingError(f"{source} holds {saved['arch']} with {saved['num_classes']} classes, "
+                            f"not {identity.arch} with {identity.num_classes}")
+    objects.model.load_state_dict(saved["model"])
+    objects.optimizer.load_state_dict(saved["optimizer"])
+    if objects.step_scheduler is not None and saved["scheduler"].get("step"):
+        objects.step_scheduler.load_state_dict(saved["scheduler"]["step"])
+    if objects.plateau is not None and saved["scheduler"].get("plateau"):
+        objects.plateau.load_state_dict(saved["scheduler"]["plateau"])
+    objects.scaler.load_state_dict(saved["scaler"])
+    state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
+    same_world = len(saved["rng"]) == identity.world_size
+    loaders = saved.get("loader")
+    return Restored(state, saved["rng"][rank] if same_world else None,
+                    loaders[rank] if loaders and len(loaders) == identity.world_size else None)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,11 +1,13 @@
-"""Training configuration: one typed dataclass, two recipes, a TOML file and click flags on top.
+"""Training configuration: one typed dataclass, two recipes, a TOML file on top.
 
 Resolution order (later wins):  dataclass defaults < recipe preset < TOML config file < CLI flags.
 
     cfg = resolve_config(recipe="fast", config_file="run.toml", overrides={"lr": 0.02})
 
 Every field of `TrainConfig` is a flag of `alexnet-fast train` (`batch_size` -> `--batch-size`),
-generated from the field's type and its `help` metadata by `config_options`, so the two can't drift.
+generated in tools/flags.py from the field's type and its `help`/`choices` metadata, so the two
+can't drift. Nothing here knows about the command line: a bad value raises `ConfigError` naming
+the field, and the command turns it into a usage error naming the flag.
 """
 from __future__ import annotations
 
@@ -18,13 +20,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import click
-
 from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES
+from alexnet_fast.model.runtime import DEVICES, PRECISIONS
+from alexnet_fast.pipeline.loader_spec import LOADER_KINDS, ON_CORRUPT_MODES
 
 # The paper's reference batch: lr values in the `fast` recipe are "per 128 images" and scale linearly
 # (Goyal et al. 2017) with the global batch.
 REFERENCE_BATCH = 128
+
+
+class ConfigError(ValueError):
+    """A config value no run can use. `field` names it (a TrainConfig field, or "config" for the
+    TOML file itself); the message says what is wrong with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Recipe(str, Enum):
@@ -64,8 +75,8 @@ class TrainConfig:
     dropout: float = _f(0.5, "dropout on the hidden FC layers (0 disables; tests use 0 for exact comparisons)")
     seed: int = _f(0, "random seed (rank r uses seed + r for dropout)")
     # --- data
-    loader: str = _f("dali", "data loader", choices=("dali", "baseline"))
-    workers: int = _f(4, "loader threads/workers per rank")
+    loader: str = _f("dali", "data loader", choices=LOADER_KINDS)
+    workers: int = _f(0, "loader threads/workers per rank; 0 = the cores per rank (pipeline default)")
     lighting_std: float = _f(0.1, "PCA lighting alpha ~ N(0, std); 0 disables")
     normalize: str = _f("auto", "input: 'mean' subtracts the mean pixel only (the paper's centred raw RGB, "
                                 "0..255 scale), 'mean-std' also divides by the per-channel std; auto = mean for "
@@ -75,10 +86,10 @@ class TrainConfig:
     verify_shards: bool = _f(False, "first hash every shard against the manifest (reads the set once) to catch "
                                     "images that changed but still decode; --on-corrupt applies to them")
     # --- devices and speed
-    device: str = _f("auto", "auto = cuda when available", choices=("auto", "cuda", "cpu"))
+    device: str = _f("auto", "auto = cuda when available", choices=DEVICES)
     gpus: int = _f(0, "GPUs (one process each); 0 = every visible GPU")
     nproc: int = _f(1, "CPU mode: processes (gloo)")
-    precision: str = _f("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions)")
     compile: bool = _f(False, "torch.compile the model")
     grad_compression: str = _f("none", "DDP gradient all-reduce compression", choices=("none", "bf16"))
@@ -101,28 +112,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Raise click.BadParameter naming the flag for values no run can use."""
-        positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc", "workers"]
-        non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "warmup_epochs",
+        """Raise ConfigError naming the field for values no run can use."""
+        positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc", "step_epochs"]
+        non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "warmup_epochs", "workers",
                         "plateau_patience", "max_lr_drops", "weight_decay", "momentum", "lighting_std"]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise click.BadParameter(f"must be > 0, got {getattr(self, name)}", param_hint=_flag(name))
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise click.BadParameter(f"must be >= 0, got {getattr(self, name)}", param_hint=_flag(name))
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise click.BadParameter(f"must be > 0, got {self.lr}", param_hint="--lr")
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.dropout < 1:
-            raise click.BadParameter(f"must be in [0, 1), got {self.dropout}", param_hint="--dropout")
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if not 0 <= self.label_smoothing < 1:
-            raise click.BadParameter(f"must be in [0, 1), got {self.label_smoothing}", param_hint="--label-smoothing")
-        if self.step_epochs <= 0:
-            raise click.BadParameter(f"must be > 0, got {self.step_epochs}", param_hint="--step-epochs")
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         for name in FIELD_CHOICES:
             if getattr(self, name) not in FIELD_CHOICES[name]:
-                raise click.BadParameter(
-                    f"{getattr(self, name)!r} is not one of {', '.join(FIELD_CHOICES[name])}", param_hint=_flag(name))
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of {', '.join(FIELD_CHOICES[name])}")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -157,10 +165,6 @@ def input_scaled_by_std(arch: str, init: str, normalize: str) -> bool:
     return normalize == "mean-std"
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file: top-level keys are TrainConfig fields (either `batch_size` or
     `batch-size`); a `[train]` table is accepted too."""
@@ -169,16 +173,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except OSError as e:
-        raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint="--config") from None
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise click.BadParameter(f"{path} is not valid TOML: {e}", param_hint="--config") from None
+        raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
     if isinstance(data.get("train"), dict):
         data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
-            raise click.BadParameter(f"{path}: unknown key {key!r}", param_hint="--config")
+            raise ConfigError("config", f"{path}: unknown key {key!r}")
         values[name] = _coerce(name, value, source=str(path))
     return values
 
@@ -188,8 +192,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise click.BadParameter(
-            f"{source}: {name} must be {want.__name__}, got {type(value).__name__} {value!r}", param_hint="--config")
+        raise ConfigError("config", f"{source}: {name} must be {want.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -201,7 +204,7 @@ def resolve_config(recipe: str = "paper", config_file: str | Path | None = None,
     try:
         preset = RECIPES[Recipe(recipe)]
     except ValueError:
-        raise click.BadParameter(f"unknown recipe {recipe!r}", param_hint="--recipe") from None
+        raise ConfigError("recipe", f"unknown recipe {recipe!r}") from None
     values = {**preset, **file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values["recipe"] = recipe
     cfg = TrainConfig(**values)
@@ -209,30 +212,10 @@ def resolve_config(recipe: str = "paper", config_file: str | Path | None = None,
     return cfg
 
 
-def config_options(command: typing.Callable) -> typing.Callable:
-    """Decorate a click command with one option per TrainConfig field. Defaults are None so the
-    command can tell "given on the command line" from "left to the recipe/TOML file"."""
-    for name in reversed(list(FIELDS)):
-        meta = FIELDS[name].metadata
-        want = FIELD_TYPES[name]
-        default = FIELDS[name].default
-        help_text = meta["help"] + _default_note(name, default)
-        if want is bool:
-            option = click.option(f"{_flag(name)}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
-        elif "choices" in meta:
-            option = click.option(_flag(name), name, type=click.Choice(meta["choices"]), default=None, help=help_text)
-        else:
-            option = click.option(_flag(name), name, type=want, default=None, help=help_text)
-        command = option(command)
-    return command
-
-
-def _default_note(name: str, default: Any) -> str:
-    """" [paper: 90, fast: 40]" where the recipes differ, " [default: x]" otherwise."""
-    per_recipe = {r.value: RECIPES[r].get(name, default) for r in Recipe}
-    if len(set(map(repr, per_recipe.values()))) > 1:
-        return " [" + ", ".join(f"{recipe}: {value}" for recipe, value in per_recipe.items()) + "]"
-    return f" [default: {default}]" if default != "" else ""
+def recipe_values(name: str) -> dict[str, Any]:
+    """{recipe: the value it gives field `name`}, for --help to show where the recipes differ."""
+    default = FIELDS[name].default
+    return {r.value: RECIPES[r].get(name, default) for r in Recipe}
 
 
 def save_config(cfg: TrainConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -11,12 +11,13 @@ Three ways a training run starts, and the same worker code runs in each:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1        # ranks on this node (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -40,6 +42,55 @@ class DistContext:
 
 
 SELF_LAUNCHED = "ALEXNET_FAST_SELF_LAUNCHED"
+Result = TypeVar("Result")
+
+
+def run_ranks(worker: Callable[[Any, DistContext], Result], cfg: Any, *, device: str, gpus: int = 0,
+              nproc: int = 1) -> Result:
+    """Run `worker(cfg, ctx)` on every rank of this job: in this process (one device), in the
+    workers this starts (`gpus` GPUs, or `nproc` CPU processes), or as one rank of an outer
+    torchrun. Returns rank 0's result (under an outer torchrun: this rank's).
+
+    A user error (model.errors.user_errors) in one process propagates as itself; in a rank of a
+    multi-process run it ends that rank at once through `exit_failed`, so the launcher stops the
+    others and the command prints the rank's message in one line."""
+    device = resolve_device(device)
+    if under_launcher():
+        return run_rank(worker, cfg, device)
+    ranks = local_world_size(device, gpus, nproc)
+    if ranks <= 1:
+        return run_rank(worker, cfg, device)
+    return launch(functools.partial(run_rank, worker), ranks, (cfg, device))[0]
+
+
+def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str) -> Result:
+    """One rank: join the process group, run the worker, leave the group."""
+    from alexnet_fast.model.errors import user_errors
+
+    ctx = setup(device)
+    try:
+        return worker(cfg, ctx)
+    except user_errors() as e:
+        if ctx.is_distributed:
+            # The other ranks may be waiting in a collective this rank will never join (a corrupt
+            # sample or a failed checkpoint write happens on one rank only): under NCCL they would
+            # sit out the 10-minute watchdog timeout. A worker that exits non-zero makes the
+            # launcher (ours or torchrun) stop the whole group now. An error relayed from another
+            # rank (evaluate shares the first failure) names the rank it happened on.
+            exit_failed(f"rank {getattr(e, 'origin_rank', ctx.rank)}: {e}")
+        raise
+    finally:
+        teardown()
+
+
+def leave_after_stop() -> None:
+    """In a worker our own launcher spawned, after a stop by signal with the checkpoint written:
+    exit now. The launcher is shutting down and waits for the workers to exit, not for their
+    return values (the normal hand-back would block until its 30 s kill timeout)."""
+    if under_launcher() and os.environ.get(SELF_LAUNCHED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def under_launcher() -> bool:
@@ -77,7 +128,8 @@ def setup(device: str) -> DistContext:
             dist.init_process_group("nccl", device_id=torch_device)
         else:
             dist.init_process_group("gloo")
-    return DistContext(rank, local_rank, world_size, torch_device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return DistContext(rank, local_rank, world_size, torch_device, local_world_size)
 
 
 def teardown() -> None:

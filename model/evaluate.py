@@ -14,15 +14,17 @@ the val split and `evaluate` sums the counts, so every rank ends with the whole 
 """
 from __future__ import annotations
 
-import contextlib
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from alexnet_fast.model import distributed as D
+from alexnet_fast.model.errors import EvalError
+from alexnet_fast.model.runtime import DEVICES, autocast, memory_format
+from alexnet_fast.pipeline.loader_spec import LOADER_KINDS, ON_CORRUPT_MODES
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,17 @@ class EvalResult:
 
 def class_scores(model: nn.Module, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """[B, C] scores: softmax probabilities (averaged over the crops for [B, n, 3, H, W] input)."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     if images.ndim == 5:
         batch, crops = images.shape[:2]
-        logits = model(images.flatten(0, 1).contiguous(memory_format=memory_format))
+        logits = model(images.flatten(0, 1).contiguous(memory_format=layout))
         return logits.float().softmax(dim=1).view(batch, crops, -1).mean(dim=1)
-    return model(images.contiguous(memory_format=memory_format)).float().softmax(dim=1)
+    return model(images.contiguous(memory_format=layout)).float().softmax(dim=1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu", precision: str = "fp32",
              channels_last: bool = False) -> EvalResult:
     """Accuracy of `model` (unwrapped: no DDP collectives, so ranks may see unequal batch counts)
     over `batches`, summed over every rank. Counts stay on the device until the end: one sync.
@@ -61,14 +63,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     hits1 = torch.zeros((), dtype=torch.int64, device=device)
     hits5 = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
     failure: Exception | None = None
     try:
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True).long()
-            with autocast:
+            with autocast(device, precision):
                 scores = class_scores(model, images, channels_last)
             k = min(5, scores.shape[1])
             hit = scores.topk(k, dim=1).indices == labels[:, None]
@@ -93,7 +93,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 def _first_failure(own: Exception | None) -> Exception:
     """This rank's own error, or (on a rank whose batches were fine) the lowest failing rank's,
-    sent over as a pickle. Collective: called by every rank once the all-reduce flagged a failure."""
+    sent over as a pickle and tagged with that rank (`origin_rank`, which the launcher's one-line
+    report names). Collective: called by every rank once the all-reduce flagged a failure."""
     def portable(error: Exception) -> Exception:
         try:
             return pickle.loads(pickle.dumps(error))
@@ -101,35 +102,41 @@ def _first_failure(own: Exception | None) -> Exception:
             return RuntimeError(f"{type(error).__name__}: {error}")
 
     errors = D.all_gather_objects(None if own is None else portable(own))
-    return own if own is not None else next(e for e in errors if e is not None)
+    if own is not None:
+        return own
+    origin, error = next((rank, e) for rank, e in enumerate(errors) if e is not None)
+    error.origin_rank = origin
+    return error
 
 
 # --------------------------------------------------------------------------------------------
 # a checkpoint over the whole val split, on every rank (`alexnet-fast eval`)
 # --------------------------------------------------------------------------------------------
-class EvalError(Exception):
-    """The evaluation cannot run (unusable checkpoint or shard set); the message is one line."""
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    data: str                       # shard set directory: its val split is scored
-    checkpoint: str                 # a checkpoint file or a run directory (its newest good one)
-    ten_crop: bool = False
-    batch_size: int = 64            # images per batch on each rank (accuracy does not depend on it)
-    device: str = "auto"            # auto = cuda when a GPU is visible
-    loader: str = "dali"
-    workers: int = 4                # loader threads/workers per rank
-    gpus: int = 0                   # GPU ranks on this node; 0 = every visible GPU
-    nproc: int = 1                  # CPU ranks (gloo)
-    on_corrupt: str = "error"       # a JPEG that does not decode: stop naming it, or "skip" and count it
+    """What `alexnet-fast eval` runs; every field is one of its flags (tools/flags.py)."""
+    data: str = _f("", "shard set directory: its val split is scored")
+    checkpoint: str = _f("", "a checkpoint file, or a run directory (its newest good checkpoint)")
+    ten_crop: bool = _f(False, "average the softmax of 4 corner + centre crops and their flips (the paper's test)")
+    batch_size: int = _f(64, "GLOBAL batch: images per step over all ranks, split evenly (must divide by "
+                             "the number of ranks; accuracy does not depend on it)", min=1)
+    device: str = _f("auto", "auto = cuda when a GPU is visible", choices=DEVICES)
+    loader: str = _f("dali", "data loader", choices=LOADER_KINDS)
+    workers: int = _f(0, "loader threads/workers per rank; 0 = the cores per rank (pipeline default)", min=0)
+    gpus: int = _f(0, "GPUs (one process each); 0 = every visible GPU", min=0)
+    nproc: int = _f(1, "CPU mode: processes (gloo)", min=1)
+    on_corrupt: str = _f("error", "a val image that does not decode: stop naming it, or skip it (and say how "
+                                  "many)", choices=ON_CORRUPT_MODES)
 
 
 @dataclass(frozen=True)
 class EvalRun:
-    """What a rank hands back: the whole split's accuracy, or a one-line error."""
-    result: EvalResult | None
-    error: str | None = None
+    """What rank 0 hands back: the whole split's accuracy."""
+    result: EvalResult
     skipped: int = 0                # corrupt samples left out (on_corrupt="skip"), over every rank
 
 
@@ -137,62 +144,38 @@ def run_evaluation(cfg: EvalConfig) -> EvalRun:
     """Score cfg.checkpoint on the val split: in this process, in the workers this starts (one per
     GPU / `nproc` on the CPU), or as one rank of an outer torchrun. Returns rank 0's EvalRun (under
     an outer torchrun: this rank's, which holds the same all-reduced numbers)."""
-    if D.under_launcher():
-        return eval_worker(cfg)
-    workers = D.local_world_size(D.resolve_device(cfg.device), cfg.gpus, cfg.nproc)
-    if workers <= 1:
-        return eval_worker(cfg)
-    return D.launch(eval_worker, workers, (cfg,))[0]
-
-
-def eval_worker(cfg: EvalConfig) -> EvalRun:
-    """Entry point of every rank. Errors the user can act on come back as EvalRun(error=one line)
-    instead of a traceback (the launcher would print the worker's traceback otherwise)."""
-    from alexnet_fast.model.checkpoint import CheckpointError
-    from alexnet_fast.pipeline.loaders import CorruptSampleError
-    from alexnet_fast.pipeline.shardset import ShardSetError
-
-    ctx = D.setup(D.resolve_device(cfg.device))
-    try:
-        return evaluate_rank(cfg, ctx)
-    except (EvalError, CheckpointError, ShardSetError, CorruptSampleError) as e:
-        return EvalRun(None, str(e))
-    finally:
-        D.teardown()
+    return D.run_ranks(evaluate_rank, cfg, device=cfg.device, gpus=cfg.gpus, nproc=cfg.nproc)
 
 
 def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
-    """This rank's part of the evaluation, with the trainer's per-epoch rules: the val loader's
-    rank split, the trainer's precision and image layout on a GPU, `evaluate`'s all-reduce."""
+    """This rank's part of the evaluation, with the trainer's rules: the val loader's rank split,
+    the trainer's precision and image layout on a GPU, `evaluate`'s all-reduce."""
     from tqdm import tqdm
 
     from alexnet_fast.model import checkpoint as ckpt
-    from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.config import input_scaled_by_std
-    from alexnet_fast.model.train import AUTOCAST_DTYPES, image_dtype, resolve_precision
-    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+    from alexnet_fast.model.runtime import loader_spec, place_network, resolve_precision, set_backend_flags
+    from alexnet_fast.pipeline.loaders import make_loader
 
     state, _ = ckpt.load_checkpoint(cfg.checkpoint)
-    model = build_model(state["arch"], state["num_classes"]).to(ctx.device)
+    on_gpu = ctx.device.type == "cuda"
+    model = place_network(state["arch"], state["num_classes"], ctx.device, channels_last=on_gpu)
     model.load_state_dict(state["model"])
     # the input scaling it was trained with (checkpoints from before the option: mean-std)
     trained = state.get("config", {})
     scale_by_std = input_scaled_by_std(state["arch"], trained.get("init", "default"),
                                        trained.get("normalize", "mean-std"))
     del state                       # the optimizer state can be as large as the weights
-    on_gpu = ctx.device.type == "cuda"
     precision = resolve_precision("auto", ctx.device.type)
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True     # one input shape throughout, as in training
+    set_backend_flags(ctx.device)   # one input shape throughout, as in training
+    if cfg.batch_size % ctx.world_size:
+        raise EvalError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
+                        f"{ctx.world_size} ranks")
     try:
-        val = make_loader(LoaderSpec(
-            data=cfg.data, split="val", kind=cfg.loader, batch_size=cfg.batch_size, rank=ctx.rank,
-            world_size=ctx.world_size, device=ctx.device.type, device_id=ctx.local_rank, workers=cfg.workers,
-            ten_crop=cfg.ten_crop, channels_last=on_gpu,
-            dtype=image_dtype(ctx.device.type, precision),
-            on_corrupt=cfg.on_corrupt, scale_by_std=scale_by_std,
-            borrow_buffers=True))   # `evaluate` is done with each batch before it asks for the next
+        val = make_loader(loader_spec(
+            "val", data=cfg.data, kind=cfg.loader, batch_size=cfg.batch_size // ctx.world_size, ctx=ctx,
+            precision=precision, channels_last=on_gpu, scale_by_std=scale_by_std, on_corrupt=cfg.on_corrupt,
+            workers=cfg.workers, ten_crop=cfg.ten_crop))
     except ValueError as e:         # the loader's one-line complaints about the spec or the shard set
         raise EvalError(str(e)) from None
     progress = tqdm(total=val.num_samples, unit="img", disable=not ctx.is_main, dynamic_ncols=True,
@@ -204,7 +187,7 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
             progress.update(labels.shape[0])
 
     try:
-        result = evaluate(model, counted(val), ctx.device, AUTOCAST_DTYPES[precision], channels_last=on_gpu)
+        result = evaluate(model, counted(val), ctx.device, precision, channels_last=on_gpu)
     finally:
         progress.close()
     skipped = D.all_reduce_sum(torch.tensor(getattr(val, "num_skipped", 0), device=ctx.device)).item()

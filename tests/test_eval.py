@@ -116,10 +116,10 @@ def test_two_processes_score_exactly_what_one_process_scores(ten_crop, launcher,
     """Two CPU ranks (gloo) each read half of the val split and sum their counts: the same top-1,
     top-5 and image count as one process, to the last bit. Started both ways a run starts: `--nproc
     2` (the command launches its own workers) and an outer torchrun (the command joins its ranks);
-    either way one JSON line is printed, by rank 0 alone. Batch 3 gives each rank a ragged last
+    either way one JSON line is printed, by rank 0 alone. Global batch 6 (3 per rank) gives each rank a ragged last
     batch (8 images: 3 + 3 + 2), whose trimmed padding must not be counted."""
     args = ["--data", shard_set, "--checkpoint", checkpoint, "--device", "cpu", "--workers", "1",
-            "--batch-size", 3, *(["--ten-crop"] if ten_crop else [])]
+            "--batch-size", 6, *(["--ten-crop"] if ten_crop else [])]
     one = _eval_in_process(args, capsys)
     assert one["images"] == ShardSet.open(shard_set).num_samples("val") == 16
     # The halves score differently, so two ranks reading the same half could not pass for one process.

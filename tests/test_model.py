@@ -11,7 +11,7 @@ from torch import nn
 from alexnet_fast.model.alexnet import AlexNet2012, build_model, count_parameters
 from alexnet_fast.model.config import TrainConfig
 from alexnet_fast.model.optim import make_optimizer
-from alexnet_fast.model.train import Engine, TrainState, train_one_epoch
+from alexnet_fast.model.loop import Engine, TrainState, train_one_epoch
 
 # Parameters of the paper's network, layer by layer (weights + biases), for 1000 classes:
 PAPER_PARAMS = {

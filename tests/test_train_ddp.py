@@ -24,7 +24,8 @@ WORKER = textwrap.dedent('''
     from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.config import TrainConfig
     from alexnet_fast.model.optim import make_optimizer
-    from alexnet_fast.model.train import Engine, TrainState, seed_everything, train_one_epoch
+    from alexnet_fast.model.loop import Engine, TrainState, train_one_epoch
+    from alexnet_fast.model.runtime import seed_everything
 
     out, compression = sys.argv[1], sys.argv[2]   # compression: "none" (bf16 needs NCCL)
     assert D.under_launcher()
@@ -57,7 +58,8 @@ def _single_process_run():
     from alexnet_fast.model.alexnet import build_model
     from alexnet_fast.model.config import TrainConfig
     from alexnet_fast.model.optim import make_optimizer
-    from alexnet_fast.model.train import Engine, TrainState, seed_everything, train_one_epoch
+    from alexnet_fast.model.loop import Engine, TrainState, train_one_epoch
+    from alexnet_fast.model.runtime import seed_everything
 
     seed_everything(0)
     model = build_model("alexnet-owt", 4, dropout=0.0)
@@ -108,7 +110,7 @@ def test_two_rank_ddp_matches_one_process_with_the_doubled_batch(two_rank_run, s
 
 def _initial_state() -> dict:
     from alexnet_fast.model.alexnet import build_model
-    from alexnet_fast.model.train import seed_everything
+    from alexnet_fast.model.runtime import seed_everything
 
     seed_everything(0)
     return build_model("alexnet-owt", 4, dropout=0.0).state_dict()

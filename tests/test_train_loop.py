@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import random
 
-import click
 import numpy as np
 import pytest
 import torch
 
 from alexnet_fast.model import checkpoint as ckpt
 from alexnet_fast.model.alexnet import build_model
-from alexnet_fast.model.config import TrainConfig, resolve_config
+from alexnet_fast.model.config import ConfigError, TrainConfig, resolve_config
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
-from alexnet_fast.model.train import Engine, LoopHooks, Outcome, TrainingError, TrainState, train_one_epoch
+from alexnet_fast.model.errors import TrainingError
+from alexnet_fast.model.loop import Engine, LoopHooks, Outcome, TrainState, train_one_epoch
 
 
 def _engine(lr: float = 0.01, arch: str = "alexnet-owt") -> Engine:
@@ -119,13 +119,15 @@ def test_config_layers_recipe_toml_flags(tmp_path):
     assert (paper.batch_size, paper.lr, paper.momentum, paper.weight_decay, paper.epochs, paper.schedule,
             paper.max_lr_drops) == (128, 0.01, 0.9, 5e-4, 90, "plateau", 3)
     toml.write_text("batch_size = 'big'\n")
-    with pytest.raises(click.BadParameter, match="batch_size must be int"):
+    with pytest.raises(ConfigError, match="batch_size must be int") as bad_type:
         resolve_config("paper", toml)
+    assert bad_type.value.field == "config"             # the command names --config
     toml.write_text("learning_rate = 0.1\n")
-    with pytest.raises(click.BadParameter, match="unknown key 'learning_rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
         resolve_config("paper", toml)
-    with pytest.raises(click.BadParameter, match="must be > 0"):
+    with pytest.raises(ConfigError, match="must be > 0") as bad_value:
         resolve_config("paper", overrides={"batch_size": 0})
+    assert bad_value.value.field == "batch_size"        # the command names --batch-size
 
 
 def test_checkpoint_falls_back_to_the_previous_good_one(tmp_path):

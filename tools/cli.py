@@ -1,7 +1,9 @@
 """The `alexnet-fast` command line.
 
-Each subcommand lives in the module that owns its concern and is imported only when it runs,
-so `alexnet-fast shards --help` does not pay for importing torch or DALI.
+Each subcommand lives in its own `cmd_*` module and is imported only when it runs, so
+`alexnet-fast shards --help` does not pay for importing torch or DALI. What the commands share
+(one-line errors, the device check) is in tools/common.py, not here: this entry point imports its
+subcommands, never the other way round.
 
     alexnet-fast demo                         # built-in sample: shard, train, evaluate
     alexnet-fast shards RAW OUT               # raw ImageNet -> WebDataset shards (= tools/make_shards)
@@ -24,36 +26,15 @@ import click
 
 # subcommand name -> "module:attribute" of its click.Command
 COMMANDS: dict[str, str] = {
-    "demo": "alexnet_fast.tools.cmd_train:demo_command",
+    "demo": "alexnet_fast.tools.cmd_demo:demo_command",
     "shards": "alexnet_fast.tools.cmd_shards:shards_command",
     "verify": "alexnet_fast.tools.cmd_shards:verify_command",
     "stats": "alexnet_fast.tools.cmd_stats:stats_command",
     "train": "alexnet_fast.tools.cmd_train:train_command",
-    "eval": "alexnet_fast.tools.cmd_train:eval_command",
+    "eval": "alexnet_fast.tools.cmd_eval:eval_command",
     "profile": "alexnet_fast.tools.cmd_profile:profile_command",
     "plot": "alexnet_fast.tools.cmd_plot:plot_command",
 }
-
-
-class UserError(click.ClickException):
-    """A mistake in what the user asked for (a path, a flag, missing labels): one line, exit 2."""
-
-    exit_code = 2
-
-
-def check_device(device: str, gpus: int = 0) -> str:
-    """A command's --device (auto|cuda|cpu) and --gpus checked against what torch sees; returns the
-    device to use, "cuda" or "cpu". Under torchrun --gpus is the launcher's business, not checked."""
-    import torch
-
-    from alexnet_fast.model.distributed import resolve_device, under_launcher
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible (use --device cpu)")
-    resolved = resolve_device(device)
-    if resolved == "cuda" and gpus > torch.cuda.device_count() and not under_launcher():
-        raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
-    return resolved
 
 
 class LazyGroup(click.Group):

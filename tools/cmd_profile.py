@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from alexnet_fast.model.alexnet import ARCH_NAMES
-from alexnet_fast.tools.cli import UserError, check_device
+from alexnet_fast.tools.common import UserError, check_device
 
 # Small on CPU so the whole profile finishes in a few minutes on 2 cores; GPU sizes give the
 # device enough steps to reach steady state (cuDNN autotuning happens in the warm-up).

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from alexnet_fast.tools.cli import UserError
+from alexnet_fast.tools.common import UserError
 from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
 from alexnet_fast.tools.sharding.errors import ShardingError
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from alexnet_fast.tools.cli import UserError
+from alexnet_fast.tools.common import UserError
 
 
 @click.command("stats")

@@ -37,7 +37,8 @@ from torch import nn
 
 from alexnet_fast.model.alexnet import build_model, count_parameters
 from alexnet_fast.model.optim import make_optimizer
-from alexnet_fast.model.train import AUTOCAST_DTYPES, Engine, resolve_precision, train_step
+from alexnet_fast.model.loop import Engine, train_step
+from alexnet_fast.model.runtime import image_dtype, resolve_precision
 
 CROP = 227               # the network's input size (LoaderSpec.crop's default)
 IMAGENET_CLASSES = 1000  # the model stage's classifier: ImageNet's, whatever the shard set has
@@ -87,9 +88,7 @@ class ProfileConfig:
 
     @property
     def image_dtype(self) -> torch.dtype:
-        """What the loader hands the model: the trainer's rule (model.train.image_dtype)."""
-        from alexnet_fast.model.train import image_dtype
-
+        """What the loader hands the model: the trainer's rule (model.runtime.image_dtype)."""
         return image_dtype(self.device, self.resolved_precision)
 
 
@@ -316,10 +315,10 @@ def build_engine(cfg: ProfileConfig) -> Engine:
     model = build_model(cfg.arch, cfg.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(TrainConfig(arch=cfg.arch), model)
+    optimizer = make_optimizer(TrainConfig(arch=cfg.arch), model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step_model = torch.compile(model) if cfg.compile else model
-    return Engine(step_model, optimizer, scaler, None, device, AUTOCAST_DTYPES[precision], cfg.channels_last)
+    return Engine(step_model, optimizer, scaler, None, device, precision, cfg.channels_last)
 
 
 def measure_training(step: Callable[[], int], cfg: ProfileConfig) -> StageResult:

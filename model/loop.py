@@ -1,0 +1,255 @@
+"""One optimizer step and one epoch of them: what runs between two epoch boundaries.
+
+    engine = Engine(model, optimizer, scaler, step_scheduler, device, precision="bf16", channels_last=True)
+    result = train_one_epoch(engine, loader, state, world_size=2, log_every=50, hooks=hooks)
+
+No host sync inside a step: the loss is summed on the device and read (`.item()`) only every
+`log_every` steps. The price: a NaN/inf loss is noticed at the next log point, not at once. The step
+it first appeared is recorded on the device, the run stops naming it, and no checkpoint is written
+after it.
+
+Stopping (SIGTERM/SIGINT set a `StopFlag`): every rank must stop at the same step, so the ranks agree
+on it with an all-reduce. `StopAgreement` does that without a host wait: the flag is all-reduced
+asynchronously at one check and read at the next one, when the reduction has long finished.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_fast.model import distributed as D
+from alexnet_fast.model.errors import TrainingError
+from alexnet_fast.model.runtime import autocast, memory_format
+
+# Steps between two stop checks of a multi-rank run on a GPU: each check posts one tiny all-reduce.
+STOP_CHECK_EVERY_GPU = 10
+
+
+class Outcome(str, Enum):
+    COMPLETED = "completed"          # every epoch ran
+    MAX_STEPS = "max_steps"          # --max-steps reached
+    STOPPED = "stopped"              # SIGTERM/SIGINT: checkpoint written, exit 0
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+    epoch: int = 0                   # the epoch in progress (or the next one to start)
+    step: int = 0                    # optimizer steps taken in the whole run
+    step_in_epoch: int = 0           # batches of `epoch` already trained on (to resume mid-epoch)
+    best_top1: float = -1.0
+
+
+@dataclass
+class Engine:
+    """Everything one optimizer step needs."""
+    model: nn.Module                 # DDP- and/or compile-wrapped network in train mode
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # enabled only for fp16
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None   # warm-up/cosine/step: per step
+    device: torch.device
+    precision: str = "fp32"          # resolved: bf16 | fp16 | fp32 (model.runtime.resolve_precision)
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def train_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward, backward, optimizer step. Returns the loss as a device tensor (no host sync)."""
+    images = images.to(engine.device, non_blocking=True).contiguous(memory_format=memory_format(engine.channels_last))
+    labels = labels.to(engine.device, non_blocking=True).long()
+    with autocast(engine.device, engine.precision):
+        logits = engine.model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=engine.label_smoothing)
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.scaler.scale(loss).backward()
+    engine.scaler.step(engine.optimizer)
+    engine.scaler.update()
+    if engine.step_scheduler is not None:
+        engine.step_scheduler.step()
+    return loss.detach()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; read by the loop between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers `install` replaced. Left installed, a flag-setting SIGTERM handler
+        outlives the run in the caller's process and is inherited by every process it forks later
+        (a multiprocessing pool then can no longer terminate its workers)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+class StopAgreement:
+    """All ranks agree to stop at the same step, without making the host wait for the device.
+
+    One process: the local request is the answer. Several: `check(requested)` posts this rank's
+    request in an asynchronous MAX all-reduce and answers with the result of the one posted at the
+    previous check. Every rank posts and reads at the same steps, so all of them stop at the same
+    step, one check after the first request. On a GPU the result is copied to pinned host memory
+    behind an event recorded when it was posted; by the next check (`every` steps later) that event
+    has long completed, so reading it does not wait for the steps queued since (a plain `.item()`
+    would drain the whole stream)."""
+
+    def __init__(self, device: torch.device, every: int = 1) -> None:
+        self.device, self.every = device, every
+        self._pending: tuple[Any, torch.Tensor, Any] | None = None    # (work, host flag, cuda event)
+
+    def check(self, requested: bool) -> bool:
+        if not D.dist.is_initialized():
+            return requested
+        agreed = self._read_pending()
+        flag = torch.tensor([1 if requested else 0], dtype=torch.int32, device=self.device)
+        work = D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            work.wait()                       # orders the copy after the reduction on the stream (no host wait)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (None, host, event)
+        else:
+            self._pending = (work, flag, None)
+        return agreed
+
+    def _read_pending(self) -> bool:
+        if self._pending is None:
+            return False
+        work, host, event = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return bool(host.item())
+
+    def drain(self) -> None:
+        """Finish a posted reduction (before the process group goes away)."""
+        self._read_pending()
+
+
+@dataclass
+class LoopHooks:
+    """What the epoch loop calls out to; all optional so tests can drive it with plain tensors."""
+    log: Callable[[dict], None] = lambda record: None
+    checkpoint: Callable[[], None] = lambda: None
+    stop_requested: Callable[[], bool] = lambda: False
+    progress: Any = None             # a tqdm bar (rank 0) or None
+    stop_agreement: StopAgreement | None = None   # None: agree at every step (a blocking check on a GPU)
+
+
+@dataclass
+class EpochResult:
+    outcome: Outcome
+    mean_loss: float
+    images: int                      # images this rank trained on in this call
+    seconds: float
+    losses: list[float] = field(default_factory=list)   # the logged losses (one per log point)
+
+
+def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    state: TrainState, *, world_size: int = 1, max_steps: int = 0, log_every: int = 50,
+                    ckpt_every: int = 0, hooks: LoopHooks | None = None) -> EpochResult:
+    """Train on `batches` (any iterable of (images, labels)): the rest of epoch `state.epoch`,
+    from batch `state.step_in_epoch` on (a resumed epoch: the loader was positioned there with
+    `resume`). Updates `state` as it goes."""
+    hooks = hooks or LoopHooks()
+    stop = hooks.stop_agreement or StopAgreement(engine.device)
+    engine.model.train()
+    device = engine.device
+    # Device-side accumulators: read only at log points.
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    device_step = torch.full((), state.step, dtype=torch.int64, device=device)
+    epoch_loss_sum, epoch_steps, images_seen, logged = 0.0, 0, 0, []
+    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+    start = window_start
+    outcome = Outcome.COMPLETED
+
+    for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
+        loss = train_step(engine, images, labels)
+        state.step += 1
+        state.step_in_epoch = index + 1
+        device_step += 1
+        loss_sum += loss
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), device_step, first_bad_step)
+        window_steps += 1
+        window_images += labels.shape[0]
+        images_seen += labels.shape[0]
+        if hooks.progress is not None:
+            hooks.progress.update(1)
+
+        at_end = bool(max_steps) and state.step >= max_steps
+        if state.step % log_every == 0 or at_end:
+            raise_if_loss_was_bad(first_bad_step)          # a host sync: once per log interval
+            window_loss = D.all_reduce_sum(loss_sum.clone()).item() / world_size
+            elapsed = time.perf_counter() - window_start
+            record = {"step": state.step, "epoch": state.epoch, "loss": window_loss / window_steps,
+                      "lr": engine.lr, "img_per_s": window_images * world_size / max(elapsed, 1e-9)}
+            hooks.log(record)
+            logged.append(record["loss"])
+            epoch_loss_sum += window_loss
+            epoch_steps += window_steps
+            loss_sum.zero_()
+            window_steps, window_images, window_start = 0, 0, time.perf_counter()
+
+        if ckpt_every and state.step % ckpt_every == 0 and not at_end:
+            raise_if_loss_was_bad(first_bad_step)
+            hooks.checkpoint()
+        if at_end:
+            outcome = Outcome.MAX_STEPS
+            break
+        if state.step % stop.every == 0 and stop.check(hooks.stop_requested()):
+            outcome = Outcome.STOPPED
+            break
+
+    if window_steps:                 # the tail after the last log point
+        totals = D.all_reduce_sum(loss_sum.clone())
+        epoch_loss_sum += totals.item() / world_size
+        epoch_steps += window_steps
+    raise_if_loss_was_bad(first_bad_step)
+    if outcome is Outcome.COMPLETED:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    return EpochResult(outcome, epoch_loss_sum / max(epoch_steps, 1), images_seen,
+                       time.perf_counter() - start, logged)
+
+
+def raise_if_loss_was_bad(first_bad_step: torch.Tensor) -> None:
+    """Stop the run if any rank saw a non-finite loss; name the earliest such step. Collective."""
+    big = 1 << 62
+    # max over ranks of (big - step) is the earliest bad step; 0 means none
+    flag = torch.where(first_bad_step >= 0, big - first_bad_step, torch.zeros_like(first_bad_step))
+    if D.dist.is_initialized():
+        D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if worst:
+        raise TrainingError(f"loss became NaN/inf at step {big - worst}; stopped, and nothing from that "
+                            f"step on was saved (RUN/last.pt, if any, is older)")
