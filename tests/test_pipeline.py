@@ -8,6 +8,7 @@ about 1 / (255 * 0.26) = 0.015 -- an off-by-one crop or a wrong flip is hundreds
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ import webdataset as wds
 from alexnet_fast.pipeline.augment import ColorStats, SampleParams, reference_augment, reference_ten_crop, centre_params
 from alexnet_fast.pipeline.baseline import decode_rgb
 from alexnet_fast.pipeline.dali_loader import DaliLoader
-from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+from alexnet_fast.pipeline.host import usable_cores
+from alexnet_fast.pipeline.loader_spec import GPU_LOADER_WORKERS_CAP, default_loader_workers
+from alexnet_fast.pipeline.loaders import LOADER_KINDS, ON_CORRUPT_MODES, LoaderSpec, make_loader
 from alexnet_fast.pipeline.shardset import ShardSet
 
 FLOAT_TOL = 1e-3      # the issue's bound for float math
@@ -216,6 +219,7 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(shard_set, split):
                                  **args)
     else:
         pipe = dp.val_pipeline(reader, dp.DecodeConfig(on_gpu=True), out, loader.stats, ten_crop=True, **args)
+    assert pipe.exec_dynamic      # the GPU path hands DALI torch's stream (DaliLoader._run): needs it
     pipe._build_graph()
     images, labels, sources = pipe._graph_outputs
     assert (images.device, labels.device, sources.device) == ("gpu", "gpu", "cpu")
@@ -239,3 +243,39 @@ def test_mean_only_normalization_is_the_std_scaled_input_times_the_std(shard_set
     std = torch.tensor(stats.std_255, dtype=torch.float32).view(1, 3, 1, 1)
     assert raw.abs().max() > 50                                  # raw-scale values, not unit variance
     torch.testing.assert_close(raw, scaled * std, rtol=1e-4, atol=1e-3)
+
+
+def test_make_loader_reads_the_shard_set_it_is_given(shard_set, tmp_path):
+    """A process opens manifest.json once and hands the ShardSet on; one of another directory is
+    a caller's mistake, refused."""
+    opened = ShardSet.open(shard_set)
+    spec = LoaderSpec(data=str(shard_set), split="val", batch_size=8, workers=1)
+    for kind in LOADER_KINDS:
+        assert make_loader(dataclasses.replace(spec, kind=kind), opened).shard_set is opened
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps(opened.manifest))
+    with pytest.raises(ValueError, match="is not the spec's data"):
+        make_loader(spec, ShardSet.open(other))
+
+
+@pytest.mark.parametrize("field, choices", [("kind", LOADER_KINDS), ("on_corrupt", ON_CORRUPT_MODES)])
+def test_a_spec_outside_the_choices_is_refused_naming_them(shard_set, field, choices):
+    assert len(choices) == 2
+    spec = LoaderSpec(data=str(shard_set), **{field: "other"})
+    with pytest.raises(ValueError, match=f"must be '{choices[0]}' or '{choices[1]}', not 'other'"):
+        make_loader(spec)
+
+
+def test_default_loader_workers_share_the_cores_among_the_local_ranks():
+    assert default_loader_workers("cpu", 2, cores=16) == 8
+    assert default_loader_workers("cpu", 1, cores=64) == 64             # the CPU twin decodes: no cap
+    assert default_loader_workers("cuda", 1, cores=64) == GPU_LOADER_WORKERS_CAP == 8
+    assert default_loader_workers("cuda", 8, cores=64) == 8
+    assert default_loader_workers("cuda", 8, cores=32) == 4
+    assert default_loader_workers("cpu", 4, cores=2) == 1               # never below one
+    assert 1 <= default_loader_workers("cpu") == usable_cores()
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        default_loader_workers("gpu", 1)
+    with pytest.raises(ValueError, match="local_ranks must be at least 1"):
+        default_loader_workers("cuda", 0)

@@ -1,12 +1,18 @@
 """`alexnet-fast verify OUT`: passes a good set, names the shard of any damage, exits non-zero."""
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import tarfile
 
 import pytest
 
+from alexnet_fast.pipeline.shard_format import (encode_sample, index_header, index_text, rows_from_members,
+                                                sample_intact)
 from alexnet_fast.pipeline.shardset import ShardSet
+from alexnet_fast.tools.sharding.tarwriter import Sample, build_shard
+from alexnet_fast.tools.sharding.verify import _check_sample
 from alexnet_fast.tools.cli import run_command
 from alexnet_fast.tools.cmd_shards import verify_command
 
@@ -60,3 +66,44 @@ def test_missing_index_is_detected(copy, capsys):
 def test_not_a_shard_set_is_a_one_line_error(tmp_path, capsys):
     code, _, err = _verify(tmp_path, capsys)
     assert code == 2 and "no manifest.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_index_the_writer_writes_is_the_one_read_back_from_the_tar_headers(shard_set):
+    """tarwriter computes each part's offset while writing; verify and the DALI loader's rebuilt
+    index (index_patches.index_from_tar) derive it from the tar's headers: the same text."""
+    samples = [Sample(key=k, label=k % 3, wnid="n0", source=f"s{k}", jpeg=bytes(100 + k), w=1, h=1, orig_w=1,
+                      orig_h=1) for k in range(5)]
+    shard = build_shard(samples)
+    with tarfile.open(fileobj=io.BytesIO(shard.tar), mode="r:") as tar:
+        rows = rows_from_members([m for m in tar if m.isfile()])
+    assert index_text(index_header(len(rows)), rows).encode() == shard.index
+    assert shard.index.startswith(b"v1.2 5\n")
+    written = ShardSet.open(shard_set).shards("train")[0]       # and a real one make_shards wrote
+    with tarfile.open(written.tar) as tar:
+        rows = rows_from_members([m for m in tar if m.isfile()])
+    assert index_text(index_header(len(rows)), rows) == written.index.read_text()
+
+
+def test_verify_and_the_trainers_check_judge_a_sample_the_same_way():
+    """One per-sample check (shard_format): verify reports each finding, the trainer's
+    `--verify-shards` (integrity.py) only whether the sample is intact. The one difference, kept
+    on purpose: a .json without jpg_sha256 is not judged by the hash in verify, and counts as
+    changed for the trainer (it cannot vouch for the bytes)."""
+    def sample(jpeg=b"\xff\xd8 not decoded here", label=3, **changes):
+        return {**dict(encode_sample(jpeg, label, {"wnid": "n0"})), **changes}
+
+    def hash_and_label_findings(parts):
+        return [p for p in _check_sample("s.tar", "7", parts, num_classes=10) if "JPEG" not in p]
+
+    intact = sample()
+    assert sample_intact(intact) and hash_and_label_findings(intact) == []
+    changed = sample(jpg=b"\xff\xd8 changed")
+    assert not sample_intact(changed)
+    assert hash_and_label_findings(changed) == ["s.tar: sample 7: .jpg bytes differ from the sha256 written with it"]
+    relabelled = sample(lbl=sample(label=4)["lbl"])
+    assert not sample_intact(relabelled)
+    assert hash_and_label_findings(relabelled) == ["s.tar: sample 7: .cls 3 / .lbl disagree or out of range [0, 10)"]
+    unhashed = sample(json=json.dumps({"wnid": "n0"}).encode())
+    assert not sample_intact(unhashed) and hash_and_label_findings(unhashed) == []
+    missing = {k: v for k, v in intact.items() if k != "lbl"}
+    assert not sample_intact(missing) and _check_sample("s.tar", "7", missing, 10) == ["s.tar: sample 7: missing .lbl"]
