@@ -39,3 +39,26 @@ def test_devkit_ids_are_a_non_identity_permutation(raw_imagenet):
     assert ids == {i: w for w, i in raw_imagenet.devkit_ids.items()}  # inner synsets filtered out
     assert sorted(ids) == list(range(1, len(raw_imagenet.classes) + 1))
     assert [ids[i] for i in sorted(ids)] != raw_imagenet.classes
+
+
+MAT_HEADER_TEXT = 116   # a MAT-file's text header holds its creation time (scipy.io.savemat): not compared
+
+
+def _tree_bytes(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()[MAT_HEADER_TEXT if p.suffix == ".mat" else 0:]
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_tree_is_byte_identical_whatever_the_worker_count(tmp_path):
+    from alexnet_fast.tools.sample_data import SampleSpec, ValFormat, write_raw_imagenet
+
+    spec = SampleSpec(classes=3, train_per_class=3, val_per_class=2, val_layout=ValFormat.FLAT_DEVKIT,
+                      min_side=64, max_side=96)
+    one = write_raw_imagenet(tmp_path / "one", spec, workers=1)
+    two = write_raw_imagenet(tmp_path / "two", spec, workers=2)
+    assert (one.train, one.val, one.devkit_ids) == (two.train, two.val, two.devkit_ids)
+    files_one, files_two = _tree_bytes(one.root), _tree_bytes(two.root)
+    assert len(files_one) > 3 * 3 + 3 * 2 and files_one == files_two
+    # each image its own seed: no two plain train images are the same bytes
+    plain = [data for name, data in files_one.items() if name.split("_")[-1][:-5].isdigit() and "/train/" in f"/{name}"]
+    assert len(plain) == 9 and len(set(plain)) == 9

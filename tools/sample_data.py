@@ -10,6 +10,10 @@ sorted wnids, never the identity, so a reader that takes ID-1 as the class index
 
     tree = write_raw_imagenet(tmp / "raw", SampleSpec(classes=4, val_layout=ValFormat.FLAT_DEVKIT))
     tree.train   # {source path as make_shards reports it: wnid} for every image that must be kept
+
+Parallel: `write_raw_imagenet(root, spec, workers=16)` draws and encodes the images in a process
+pool. Each image has its own seed, drawn in file order from the spec's seed before any image is
+drawn, so the tree is byte-identical whatever the worker count.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.tools.sharding.labels import DEVKIT_DIR, GROUND_TRUTH, KAGGLE_CSV, META_MAT
 from alexnet_fast.tools.sharding.layout import KAGGLE_BASE, TRAIN_TAR, VAL_TAR, TrainLayout
 
@@ -86,6 +91,46 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
+@dataclass(frozen=True)
+class ImageJob:
+    """One plain sample image: everything `render` needs, so any process draws the same bytes."""
+    class_index: int
+    num_classes: int
+    seed: int
+    min_side: int
+    max_side: int
+
+
+def render(job: ImageJob) -> bytes:
+    """The JPEG bytes of `job`'s image (a pure function of the job)."""
+    rng = np.random.default_rng(job.seed)
+    return _jpeg(draw_image(job.class_index, job.num_classes, rng, min_side=job.min_side, max_side=job.max_side))
+
+
+class _Renderer:
+    """Renders lists of ImageJobs in this process (workers=1) or in a fork pool kept for the whole tree."""
+
+    def __init__(self, workers: int):
+        self._workers = workers
+        self._pool = fork_pool(workers) if workers > 1 else None
+
+    def __call__(self, jobs: list[ImageJob]) -> list[bytes]:
+        if self._pool is None:
+            return [render(j) for j in jobs]
+        return self._pool.map(render, jobs, chunksize=max(1, len(jobs) // (8 * self._workers)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+
+
+def _jobs(classes: list[int], num_classes: int, spec: "SampleSpec", rng: np.random.Generator) -> list[ImageJob]:
+    """One job per class index in `classes`, seeds drawn from `rng` in that order."""
+    seeds = rng.integers(0, 2**63 - 1, size=len(classes))
+    return [ImageJob(c, num_classes, int(seed), spec.min_side, spec.max_side) for c, seed in zip(classes, seeds)]
+
+
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=quality)
@@ -132,12 +177,11 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _write_train(root: Path, base: Path, spec: SampleSpec, wnids: list[str], rng, tree: RawTree) -> None:
-    files: dict[tuple[str, str], bytes] = {}
-    for c, wnid in enumerate(wnids):
-        for i in range(spec.train_per_class):
-            files[(wnid, f"{wnid}_{i}.JPEG")] = _jpeg(draw_image(c, len(wnids), rng, min_side=spec.min_side,
-                                                                 max_side=spec.max_side))
+def _write_train(root: Path, base: Path, spec: SampleSpec, wnids: list[str], rng, tree: RawTree,
+                 render_all: _Renderer) -> None:
+    names = [(wnid, f"{wnid}_{i}.JPEG") for wnid in wnids for i in range(spec.train_per_class)]
+    jobs = _jobs([c for c in range(len(wnids)) for _ in range(spec.train_per_class)], len(wnids), spec, rng)
+    files: dict[tuple[str, str], bytes] = dict(zip(names, render_all(jobs)))
     keep_names = set(files)
     if spec.odd_files:
         odd_keep, odd_reject = _odd_files(wnids, rng)
@@ -181,20 +225,21 @@ def _write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
     scipy.io.savemat(path, {"synsets": table})
 
 
-def _write_val(root: Path, base: Path, spec: SampleSpec, wnids: list[str], rng, tree: RawTree) -> None:
+def _write_val(root: Path, base: Path, spec: SampleSpec, wnids: list[str], rng, tree: RawTree,
+               render_all: _Renderer) -> None:
     n = len(wnids)
     if spec.val_layout is ValFormat.FOLDERS:
-        for c, wnid in enumerate(wnids):
-            for i in range(spec.val_per_class):
-                path = base / "val" / wnid / f"ILSVRC2012_val_{c * spec.val_per_class + i + 1:08d}.JPEG"
-                _write(path, _jpeg(draw_image(c, n, rng, min_side=spec.min_side, max_side=spec.max_side)))
-                tree.val[path.relative_to(root).as_posix()] = wnid
+        classes = [c for c in range(n) for _ in range(spec.val_per_class)]
+        for i, (c, data) in enumerate(zip(classes, render_all(_jobs(classes, n, spec, rng)))):
+            path = base / "val" / wnids[c] / f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+            _write(path, data)
+            tree.val[path.relative_to(root).as_posix()] = wnids[c]
         return
     # Flat: images numbered 1..N in a shuffled class order, labels in a separate file.
     classes = rng.permutation(np.repeat(np.arange(n), spec.val_per_class))
     images = [(f"ILSVRC2012_val_{i + 1:08d}", int(c)) for i, c in enumerate(classes)]
-    blobs = [(f"{stem}.JPEG", _jpeg(draw_image(c, n, rng, min_side=spec.min_side, max_side=spec.max_side)))
-             for stem, c in images]
+    rendered = render_all(_jobs([c for _, c in images], n, spec, rng))
+    blobs = [(f"{stem}.JPEG", data) for (stem, _), data in zip(images, rendered)]
     if spec.val_layout is ValFormat.TAR_DEVKIT:
         _write(root / VAL_TAR, _tar_bytes(blobs))
         sources = [f"{VAL_TAR}/{name}" for name, _ in blobs]
@@ -220,14 +265,20 @@ def _write_val(root: Path, base: Path, spec: SampleSpec, wnids: list[str], rng, 
     _write(root / DEVKIT_DIR / GROUND_TRUTH, truth.encode())
 
 
-def write_raw_imagenet(root: Path, spec: SampleSpec = SampleSpec()) -> RawTree:
+def write_raw_imagenet(root: Path, spec: SampleSpec = SampleSpec(), workers: int = 1) -> RawTree:
+    """Write the tree `spec` describes under `root`; `workers` > 1 draws the images in that many
+    processes (the same bytes as with 1: see the module docstring)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     wnids = sorted(class_wnids(spec.classes))
     base = root / KAGGLE_BASE if spec.val_layout is ValFormat.FLAT_KAGGLE else root
     tree = RawTree(root, wnids)
-    _write_train(root, base, spec, wnids, rng, tree)
-    if spec.val_layout is not ValFormat.NONE:
-        _write_val(root, base, spec, wnids, rng, tree)
+    render_all = _Renderer(workers)
+    try:
+        _write_train(root, base, spec, wnids, rng, tree, render_all)
+        if spec.val_layout is not ValFormat.NONE:
+            _write_val(root, base, spec, wnids, rng, tree, render_all)
+    finally:
+        render_all.close()
     return tree
