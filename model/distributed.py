@@ -11,7 +11,6 @@ Three ways a training run starts, and the same worker code runs in each:
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -60,7 +59,7 @@ def run_ranks(worker: Callable[[Any, DistContext], Result], cfg: Any, *, device:
     ranks = local_world_size(device, gpus, nproc)
     if ranks <= 1:
         return run_rank(worker, cfg, device)
-    return launch(functools.partial(run_rank, worker), ranks, (cfg, device))[0]
+    return launch(run_rank, ranks, (worker, cfg, device))[0]
 
 
 def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str) -> Result:
