@@ -30,7 +30,7 @@ def model(shard_set):
     random network calls every image the same class (its top-1 is one class's share, whichever
     images it sees); centred, its top-1 depends on which images it scores, so a count that drops
     one image or scores another twice shows."""
-    torch.manual_seed(2)      # a seed whose top-1 differs between the two halves of the val split
+    torch.manual_seed(3)      # a seed whose top-1 differs between the two halves of the val split (both crops)
     net = build_model("alexnet-owt", 4).eval()
     head = net.classifier[6]
     features = []
