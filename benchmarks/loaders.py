@@ -66,12 +66,14 @@ def measure(spec, batches: int, warmup: int) -> dict:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help="DALI threads = DataLoader workers [default: CPU count]")
+@click.option("--workers", type=int, default=None,
+              help="DALI threads = DataLoader workers [default: the trainer's for one rank: this process's cores, "
+                   "capped on a GPU (pipeline.loader_spec.default_loader_workers)]")
 @click.option("--batches", type=int, default=30, show_default=True, help="measured batches per loader")
 @click.option("--warmup", type=int, default=5, show_default=True, help="batches not measured")
 @click.option("--rounds", type=int, default=2, show_default=True, help="alternated runs per loader; the best counts")
 def main(data, device, json_path, batch_size, workers, batches, warmup, rounds):
-    from alexnet_fast.pipeline.loaders import LoaderSpec
+    from alexnet_fast.pipeline.loaders import LoaderSpec, default_loader_workers
     from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
 
     try:
@@ -82,7 +84,8 @@ def main(data, device, json_path, batch_size, workers, batches, warmup, rounds):
         import torch
         if not torch.cuda.is_available():
             raise click.UsageError("--device cuda: no CUDA GPU is visible")
-    workers = workers or len(os.sched_getaffinity(0))
+    # The same default as train, eval and profile, so the benchmark measures the loader they run.
+    workers = workers or default_loader_workers(device)
     # borrow_buffers: DALI's batches as the trainer takes them (consumed before the next one);
     # the baseline's DataLoader hands over its collated tensors without a copy anyway.
     spec = LoaderSpec(data=data, split="train", batch_size=batch_size, device=device, workers=workers,

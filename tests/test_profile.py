@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from alexnet_fast.model.flops import layer_flops, train_flops_per_image
+from alexnet_fast.pipeline.loader_spec import default_loader_workers
 from alexnet_fast.tools.cli import run_command
 from alexnet_fast.tools.cmd_profile import profile_command
 from alexnet_fast.tools.scaling import (ScalingInputs, Strategy, ddp_buckets, default_strategies, predict,
                                         predict_table, ring_allreduce_seconds)
-from alexnet_fast.tools.stage_profiler import layer_flops, train_flops_per_image
 
 STAGES = ["read", "decode", "baseline_decode", "model", "end_to_end"]
 REPEATS = 2
@@ -103,6 +104,30 @@ def test_scaling_section_from_the_measured_step(profiled):
     assert "scaling prediction" in output
 
 
+@pytest.mark.parametrize("arch, scaled_by_std", [("alexnet2012", False), ("alexnet-owt", True)])
+def test_profiled_loader_is_the_trainers(shard_set, arch, scaled_by_std):
+    """The profiler feeds the model stage's network from the loader `alexnet-fast train` builds for
+    the same settings on one device (model/train.py load_data), input scaling and loader threads
+    included: alexnet2012 with its paper init is fed mean-centred raw values, not unit-variance ones."""
+    from alexnet_fast.model.config import TrainConfig
+    from alexnet_fast.model.distributed import DistContext
+    from alexnet_fast.model.runtime import resolve_precision
+    from alexnet_fast.model.train import load_data
+    from alexnet_fast.pipeline.shardset import ShardSet
+    from alexnet_fast.tools.profile_config import ProfileConfig
+    from alexnet_fast.tools.profile_stages import train_loader_spec
+
+    batch = 8
+    train = TrainConfig(data=str(shard_set), arch=arch, batch_size=batch, device="cpu")
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    trainers, _val = load_data(train, ctx, ShardSet.open(shard_set), batch, resolve_precision(train.precision, "cpu"))
+    profiled = train_loader_spec(ProfileConfig(data=shard_set, device="cpu", arch=arch, batch_size=batch).resolved(),
+                                 "dali")
+    assert profiled == trainers.spec
+    assert profiled.scale_by_std is scaled_by_std
+    assert profiled.workers == default_loader_workers("cpu")
+
+
 def test_flops_are_the_layer_shapes(tmp_path):
     """The hand count against torch's flop counter where that counter is right (no grouped convs in
     alexnet-owt; forward passes of both)."""
@@ -178,6 +203,7 @@ def test_scaling_what_if_needs_no_measurement(tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["stages"] == {} and "not a measurement" in report["scaling"]["source"]
+    assert report["config"]["workers"] == default_loader_workers("cpu")   # the trainer's default, no --workers
     one = [p for p in report["scaling"]["predictions"] if p["gpus"] == 1]
     assert all(p["img_per_s"] == pytest.approx(40000) for p in one)
 

@@ -11,18 +11,22 @@ from pathlib import Path
 
 import click
 
-from alexnet_fast.model.alexnet import ARCH_NAMES
-from alexnet_fast.tools.common import UserError, check_device
+from alexnet_fast.pipeline.loader_spec import GPU_LOADER_WORKERS_CAP
+from alexnet_fast.tools.common import CONTEXT, UserError, check_device
+from alexnet_fast.tools.flags import config_options
+from alexnet_fast.tools.profile_config import ALL_STAGES, BY_DEVICE, DATA_STAGES, ProfileConfig, Stage
 
-# Small on CPU so the whole profile finishes in a few minutes on 2 cores; GPU sizes give the
-# device enough steps to reach steady state (cuDNN autotuning happens in the warm-up).
-CPU_DEFAULTS = {"batch_size": 16, "warmup": 1, "repeats": 3, "steps": 2, "workers": 2}
-GPU_DEFAULTS = {"batch_size": 256, "warmup": 10, "repeats": 5, "steps": 20, "workers": 8}
+
+def _default_note(name: str, default) -> str:
+    """--help's "[default: ...]": by device for the fields left None (profile_config.BY_DEVICE)."""
+    if name in BY_DEVICE:
+        return f" [default: {BY_DEVICE[name]['cuda']} GPU, {BY_DEVICE[name]['cpu']} CPU]"
+    if name == "workers":
+        return f" [default: 0 = this process's cores, at most {GPU_LOADER_WORKERS_CAP} with a GPU]"
+    return f" [default: {default}]" if default not in ("", None) else ""
 
 
 def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None):
-    from alexnet_fast.tools.stage_profiler import Stage
-
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
@@ -32,21 +36,8 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{value!r}: choose from {', '.join(s.value for s in Stage)}") from None
 
 
-@click.command("profile")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="shard set directory (without it only the model stage runs)")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--arch", type=click.Choice(ARCH_NAMES), default="alexnet-owt", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="auto = bf16 on GPU, fp32 on CPU")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="per-GPU batch [default: 256 GPU, 16 CPU]")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="batches per timed repetition [20 GPU, 2 CPU]")
-@click.option("--repeats", type=click.IntRange(min=1), default=None, help="timed repetitions, median reported [5 GPU, 3 CPU]")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="untimed steps first [10 GPU, 1 CPU]")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="loader threads [8 GPU, 2 CPU]")
-@click.option("--compile", "compile_model", is_flag=True,
-              help="torch.compile the network for the model and end_to_end stages (as train --compile); "
-                   "the warm-up, at least one step, absorbs the compile time")
+@click.command("profile", context_settings=CONTEXT)
+@config_options(ProfileConfig, exclude=("stages", "num_classes"), default_note=_default_note)
 @click.option("--stages", callback=_parse_stages, default=None,
               help="comma-separated subset of read,decode,baseline_decode,model,end_to_end [default: all]")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -64,19 +55,26 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
               help="scaling what-if: take this per-GPU model img/s at --batch-size instead of measuring it")
 @click.option("--scaling-batch-factor", type=click.IntRange(min=2), default=4, show_default=True,
               help="scaling: the 'larger per-GPU batch' rows use this multiple of --batch-size")
-def profile_command(data, device, arch, precision, batch_size, steps, repeats, warmup, workers, compile_model, stages,
-                    json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s, scaling_batch_factor):
+def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s,
+                    scaling_batch_factor, **values):
     """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
-    one bounds the run: warm-up, timed repetitions, median."""
+    one bounds the run: warm-up, timed repetitions, median.
+
+    Profiles the trainer's run on ONE device in one process: its loader, network, precision and
+    backend flags are built as train builds them. --batch-size is the GLOBAL batch of that
+    one-device run, which is the batch the device steps on; the --scaling rows give per-GPU
+    batches where they mean them.
+    """
     from alexnet_fast.pipeline.shardset import ShardSetError
     from alexnet_fast.tools import scaling as sc
-    from alexnet_fast.tools.stage_profiler import (ALL_STAGES, DATA_STAGES, ProfileConfig, ProfileError, Stage,
-                                                   format_table, profile, write_plot)
+    from alexnet_fast.tools.profile_config import ProfileError
+    from alexnet_fast.tools.profile_report import format_table, write_plot
+    from alexnet_fast.tools.profile_stages import profile
 
-    device = check_device(device)
-    defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    device = check_device(values.pop("device"))
     if assume_img_per_s is not None and not scaling:
         raise click.BadParameter("only means something with --scaling", param_hint="--assume-img-per-s")
+    data = values["data"]
     if stages is None:
         stages = ALL_STAGES if data is not None else () if assume_img_per_s else (Stage.MODEL,)
     if scaling and assume_img_per_s is None and Stage.MODEL not in stages:
@@ -84,12 +82,7 @@ def profile_command(data, device, arch, precision, batch_size, steps, repeats, w
     for path in (json_path, plot_path):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    cfg = ProfileConfig(
-        data=data, device=device, stages=tuple(s for s in ALL_STAGES if s in stages), arch=arch, precision=precision,
-        batch_size=batch_size or defaults["batch_size"], warmup=defaults["warmup"] if warmup is None else warmup,
-        repeats=repeats or defaults["repeats"], steps=steps or defaults["steps"], workers=workers or defaults["workers"],
-        compile=compile_model,
-    )
+    cfg = ProfileConfig(device=device, stages=tuple(s for s in ALL_STAGES if s in stages), **values).resolved()
     if data is None and set(cfg.stages) & DATA_STAGES:
         raise click.BadParameter("stages other than model need a shard set", param_hint="--data")
 
