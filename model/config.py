@@ -1,8 +1,14 @@
-"""Training configuration: one typed dataclass, two recipes, a TOML file on top.
+"""Training configuration: one typed dataclass, four recipes, a TOML file on top.
 
 Resolution order (later wins):  dataclass defaults < recipe preset < TOML config file < CLI flags.
 
     cfg = resolve_config(recipe="fast", config_file="run.toml", overrides={"lr": 0.02})
+
+A recipe sets every field in RECIPE_FIELDS (architecture, init, input scaling, augmentation, batch,
+optimizer, lr schedule, length, evaluation) to its source's value, and says where each value comes
+from: `paper` (Krizhevsky et al. 2012), `bvlc` (BVLC Caffe models/bvlc_alexnet), `torchvision`
+(pytorch/vision references/classification), `fast` (this project's). `alexnet-fast recipes` prints
+them; docs/recipes.md explains them.
 
 Every field of `TrainConfig` is a flag of `alexnet-fast train` (`batch_size` -> `--batch-size`),
 generated in tools/flags.py from the field's type and its `help`/`choices` metadata, so the two
@@ -20,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES
+from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES, RAW_SCALE_INITS, resolve_init
 from alexnet_fast.model.runtime import DEVICES, PRECISIONS
 from alexnet_fast.pipeline.loader_spec import LOADER_KINDS, ON_CORRUPT_MODES
 
@@ -40,7 +46,14 @@ class ConfigError(ValueError):
 
 class Recipe(str, Enum):
     PAPER = "paper"
+    BVLC = "bvlc"
+    TORCHVISION = "torchvision"
     FAST = "fast"
+
+
+# What `alexnet-fast train` starts from without --recipe: one that learns on the demo sample from
+# its first steps (measured: docs/recipes.md), unlike `paper`, whose init sits at loss log(C).
+DEFAULT_RECIPE = Recipe.FAST
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -54,23 +67,34 @@ class TrainConfig:
     out: str = _f("runs/alexnet", "run directory: checkpoints, config.json, metrics.jsonl")
     arch: str = _f("alexnet2012", "network", choices=ARCH_NAMES)
     num_classes: int = _f(0, "output classes; 0 = as many as the shard set has")
-    init: str = _f("default", "weights: the network's own (paper / torchvision) or He-normal with a zero head",
+    init: str = _f("default", "weights: paper (N(0,0.01), bias 1), bvlc (N(0,0.01), fc6/fc7 N(0,0.005), bias "
+                              "0.1), torch (torch's layer defaults), kaiming (He-normal, zero head); default = "
+                              "the network's own (alexnet2012: paper, alexnet-bvlc: bvlc, alexnet-owt: torch)",
                    choices=INIT_NAMES)
     # --- recipe
-    recipe: str = _f("paper", "preset the other values start from", choices=tuple(r.value for r in Recipe))
+    recipe: str = _f("paper", "preset every other value starts from (`alexnet-fast recipes` shows them with their "
+                              "sources): paper = Krizhevsky et al. 2012 exactly (its init sits at loss log(C) for "
+                              "the first steps: measured on the demo sample, see docs/recipes.md), bvlc = BVLC "
+                              "Caffe bvlc_alexnet, torchvision = torchvision's alexnet reference, fast = this "
+                              "project's large-batch schedule", choices=tuple(r.value for r in Recipe))
     epochs: int = _f(90, "epochs to train")
-    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit); for smoke runs")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit; bvlc: Caffe's "
+                           "max_iter); small values make smoke runs")
     batch_size: int = _f(128, "GLOBAL batch size, split evenly over all ranks (must divide by the world size)")
     lr: float = _f(0.01, "learning rate (with --scale-lr: the lr per 128 images, scaled linearly to the batch)")
     scale_lr: bool = _f(False, "scale --lr linearly with the global batch (lr * batch/128)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "L2 weight decay")
     no_decay_bias_norm: bool = _f(False, "no weight decay on biases and normalization parameters")
+    bias_lr_mult: float = _f(1.0, "biases (and normalization parameters) learn at this multiple of the lr "
+                                  "(Caffe's lr_mult: 2)")
     schedule: str = _f("plateau", "lr schedule", choices=("plateau", "step", "cosine"))
     warmup_epochs: float = _f(0.0, "linear lr warm-up from 0, in epochs (step/cosine schedules)")
     plateau_patience: int = _f(3, "plateau: epochs without val-error improvement before lr /= 10")
     max_lr_drops: int = _f(3, "plateau: at most this many lr drops (the paper: 3)")
     step_epochs: int = _f(30, "step schedule: lr /= 10 every this many epochs")
+    step_iters: int = _f(0, "step schedule: lr /= 10 every this many optimizer steps instead of --step-epochs "
+                            "(Caffe's stepsize); 0 = use --step-epochs")
     label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
     dropout: float = _f(0.5, "dropout on the hidden FC layers (0 disables; tests use 0 for exact comparisons)")
     seed: int = _f(0, "random seed (rank r uses seed + r for dropout)")
@@ -82,6 +106,8 @@ class TrainConfig:
                                 "0..255 scale), 'mean-std' also divides by the per-channel std; auto = mean for "
                                 "alexnet2012 with the paper's init (tuned for that scale), else mean-std",
                         choices=("auto", "mean", "mean-std"))
+    ten_crop: bool = _f(False, "validate on 10 crops per image (4 corners + centre and their flips, softmax "
+                               "averaged: the paper's test) instead of the centre crop")
     on_corrupt: str = _f("error", "a corrupt sample: stop with its name, or skip and count it", choices=("error", "skip"))
     verify_shards: bool = _f(False, "first hash every shard against the manifest (reads the set once) to catch "
                                     "images that changed but still decode; --on-corrupt applies to them")
@@ -115,7 +141,8 @@ class TrainConfig:
         """Raise ConfigError naming the field for values no run can use."""
         positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc", "step_epochs"]
         non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "warmup_epochs", "workers",
-                        "plateau_patience", "max_lr_drops", "weight_decay", "momentum", "lighting_std"]
+                        "plateau_patience", "max_lr_drops", "weight_decay", "momentum", "lighting_std",
+                        "step_iters"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
@@ -124,6 +151,8 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not self.bias_lr_mult > 0:
+            raise ConfigError("bias_lr_mult", f"must be > 0, got {self.bias_lr_mult}")
         if not 0 <= self.dropout < 1:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if not 0 <= self.label_smoothing < 1:
@@ -139,18 +168,166 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     name: f.metadata["choices"] for name, f in FIELDS.items() if "choices" in f.metadata
 }
 
-# The recipes: values that differ from the dataclass defaults (which are the paper's).
-RECIPES: dict[Recipe, dict[str, Any]] = {
-    # Krizhevsky et al. 2012: SGD momentum 0.9, wd 5e-4, batch 128, lr 0.01 divided by 10 when the
-    # validation error stops improving, three times in all, ~90 epochs.
-    Recipe.PAPER: {},
-    # A modern fast schedule: 8x the batch with the lr scaled linearly (Goyal et al.), a short
-    # warm-up so the large lr does not blow up the first steps, cosine decay, no decay on biases.
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """One recipe value and where it comes from (a paper section, a file and line, or a reason)."""
+    value: Any
+    source: str
+
+
+# The values every recipe sets (the rest — data, devices, logging — are the run's, not the recipe's).
+RECIPE_FIELDS: tuple[str, ...] = (
+    "arch", "init", "normalize", "lighting_std", "batch_size", "lr", "scale_lr", "momentum", "weight_decay",
+    "no_decay_bias_norm", "bias_lr_mult", "schedule", "warmup_epochs", "plateau_patience", "max_lr_drops",
+    "step_epochs", "step_iters", "epochs", "max_steps", "dropout", "label_smoothing", "ten_crop",
+)
+
+_PAPER = "Krizhevsky, Sutskever, Hinton, NIPS 2012"
+_PAPER_SEC5 = f"{_PAPER}, sec. 5 (details of learning)"
+_BVLC = "BVLC/caffe models/bvlc_alexnet"
+_BVLC_NET = f"{_BVLC}/train_val.prototxt"
+_BVLC_SOLVER = f"{_BVLC}/solver.prototxt"
+_TV = "pytorch/vision references/classification"
+_TV_TRAIN = f"{_TV}/train.py"
+_TV_README = f"{_TV}/README.md"
+_UNUSED = "unused by this recipe's schedule"
+
+RECIPES: dict[Recipe, dict[str, Sourced]] = {
+    Recipe.PAPER: {
+        "arch": Sourced("alexnet2012", f"{_PAPER}, sec. 3 and fig. 2 (two columns: conv2/4/5 see their own GPU)"),
+        "init": Sourced("paper", _PAPER_SEC5 + ": N(0, 0.01), bias 1 in conv2/4/5 and the hidden FC layers"),
+        "normalize": Sourced("mean", f"{_PAPER}, sec. 2: \"the (centered) raw RGB values\""),
+        "lighting_std": Sourced(0.1, f"{_PAPER}, sec. 4.1: PCA lighting, alpha ~ N(0, 0.1)"),
+        "batch_size": Sourced(128, _PAPER_SEC5 + ": batch size of 128 examples"),
+        "lr": Sourced(0.01, _PAPER_SEC5 + ": learning rate initialized at 0.01"),
+        "scale_lr": Sourced(False, _PAPER_SEC5 + ": one lr for the paper's batch"),
+        "momentum": Sourced(0.9, _PAPER_SEC5 + ": momentum of 0.9"),
+        "weight_decay": Sourced(5e-4, _PAPER_SEC5 + ": weight decay of 0.0005"),
+        "no_decay_bias_norm": Sourced(False, _PAPER_SEC5 + ": the update rule decays every weight w"),
+        "bias_lr_mult": Sourced(1.0, _PAPER_SEC5 + ": an equal learning rate for all layers"),
+        "schedule": Sourced("plateau", _PAPER_SEC5 + ": divide by 10 when the validation error stopped improving"),
+        "warmup_epochs": Sourced(0.0, _PAPER_SEC5 + ": no warm-up"),
+        "plateau_patience": Sourced(3, "not in the paper (it says \"stopped improving\"): this project's reading"),
+        "max_lr_drops": Sourced(3, _PAPER_SEC5 + ": reduced three times prior to termination"),
+        "step_epochs": Sourced(30, _UNUSED + " (plateau)"),
+        "step_iters": Sourced(0, _UNUSED + " (plateau)"),
+        "epochs": Sourced(90, _PAPER_SEC5 + ": roughly 90 cycles through the training set"),
+        "max_steps": Sourced(0, _PAPER_SEC5 + ": length in epochs, no step limit"),
+        "dropout": Sourced(0.5, f"{_PAPER}, sec. 4.2: dropout 0.5 in the first two FC layers"),
+        "label_smoothing": Sourced(0.0, f"{_PAPER}: plain multinomial logistic regression (sec. 5)"),
+        "ten_crop": Sourced(True, f"{_PAPER}, sec. 4.1: test on ten 224x224 patches, softmax averaged"),
+    },
+    Recipe.BVLC: {
+        "arch": Sourced("alexnet-bvlc", f"{_BVLC_NET}: paper's layers and order (norm before pool), group 2 "
+                                        f"(l.112, 201, 235), Caffe LRN (l.79-81, 135-137: alpha/n, k=1)"),
+        "init": Sourced("bvlc", f"{_BVLC_NET}: gaussian 0.01 (fc6/fc7 0.005, l.280, 320), bias 0.1 "
+                                f"(l.119, 208, 242, 284, 324) else 0"),
+        "normalize": Sourced("mean", f"{_BVLC_NET} l.13: mean_file subtracted, 0..255 scale (mean pixel here, "
+                                     f"not the mean image)"),
+        "lighting_std": Sourced(0.0, f"{_BVLC}/readme.md l.13: \"not training with the relighting\""),
+        "batch_size": Sourced(256, f"{_BVLC_NET} l.17: batch_size 256"),
+        "lr": Sourced(0.01, f"{_BVLC_SOLVER} l.4: base_lr 0.01"),
+        "scale_lr": Sourced(False, f"{_BVLC_SOLVER}: base_lr is for batch 256 as is"),
+        "momentum": Sourced(0.9, f"{_BVLC_SOLVER} l.10: momentum 0.9"),
+        "weight_decay": Sourced(5e-4, f"{_BVLC_SOLVER} l.11: weight_decay 0.0005"),
+        "no_decay_bias_norm": Sourced(True, f"{_BVLC_NET} l.51 (every layer): bias decay_mult 0"),
+        "bias_lr_mult": Sourced(2.0, f"{_BVLC_NET} l.50 (every layer): bias lr_mult 2"),
+        "schedule": Sourced("step", f"{_BVLC_SOLVER} l.5-6: lr_policy step, gamma 0.1"),
+        "warmup_epochs": Sourced(0.0, f"{_BVLC_SOLVER}: no warm-up"),
+        "plateau_patience": Sourced(3, _UNUSED + " (step)"),
+        "max_lr_drops": Sourced(3, _UNUSED + " (step)"),
+        "step_epochs": Sourced(30, _UNUSED + " (step_iters is set)"),
+        "step_iters": Sourced(100_000, f"{_BVLC_SOLVER} l.7: stepsize 100000"),
+        "epochs": Sourced(90, f"{_BVLC_SOLVER} l.9: 450,000 x 256 images = 89.9 ImageNet epochs (max_steps ends it)"),
+        "max_steps": Sourced(450_000, f"{_BVLC_SOLVER} l.9: max_iter 450000"),
+        "dropout": Sourced(0.5, f"{_BVLC_NET} l.300, 340: dropout_ratio 0.5"),
+        "label_smoothing": Sourced(0.0, f"{_BVLC_NET}: SoftmaxWithLoss"),
+        "ten_crop": Sourced(False, f"{_BVLC}/readme.md l.18: 57.1% \"using just the center crop\""),
+    },
+    Recipe.TORCHVISION: {
+        "arch": Sourced("alexnet-owt", "torchvision/models/alexnet.py (one weird trick, 61,100,840 parameters)"),
+        "init": Sourced("torch", "torchvision/models/alexnet.py sets no init: torch's layer defaults"),
+        "normalize": Sourced("mean-std", f"{_TV}/presets.py: Normalize(mean, std) on 0..1 pixels"),
+        "lighting_std": Sourced(0.0, f"{_TV}/presets.py: no PCA lighting (random-resized crop + flip)"),
+        "batch_size": Sourced(256, f"{_TV_README}: 8 GPUs x --batch-size 32 ({_TV_TRAIN} default)"),
+        "lr": Sourced(0.01, f"{_TV_README}, \"AlexNet and VGG\": --lr 1e-2"),
+        "scale_lr": Sourced(False, f"{_TV_TRAIN}: --lr is used as given"),
+        "momentum": Sourced(0.9, f"{_TV_TRAIN}: --momentum 0.9"),
+        "weight_decay": Sourced(1e-4, f"{_TV_TRAIN}: --wd 1e-4"),
+        "no_decay_bias_norm": Sourced(False, f"{_TV_TRAIN}: --norm-weight-decay None, biases decayed too"),
+        "bias_lr_mult": Sourced(1.0, f"{_TV_TRAIN}: one parameter group"),
+        "schedule": Sourced("step", f"{_TV_TRAIN}: --lr-scheduler steplr, --lr-gamma 0.1"),
+        "warmup_epochs": Sourced(0.0, f"{_TV_TRAIN}: --lr-warmup-epochs 0"),
+        "plateau_patience": Sourced(3, _UNUSED + " (step)"),
+        "max_lr_drops": Sourced(3, _UNUSED + " (step)"),
+        "step_epochs": Sourced(30, f"{_TV_TRAIN}: --lr-step-size 30"),
+        "step_iters": Sourced(0, f"{_TV_TRAIN}: steps counted in epochs"),
+        "epochs": Sourced(90, f"{_TV_TRAIN}: --epochs 90"),
+        "max_steps": Sourced(0, f"{_TV_TRAIN}: length in epochs"),
+        "dropout": Sourced(0.5, "torchvision/models/alexnet.py: dropout 0.5"),
+        "label_smoothing": Sourced(0.0, f"{_TV_TRAIN}: --label-smoothing 0.0"),
+        "ten_crop": Sourced(False, f"{_TV}/presets.py ClassificationPresetEval: resize 256, centre crop 224"),
+    },
+    # This project's: torchvision's network with He init at 8x the batch, lr scaled linearly with a
+    # short warm-up (Goyal et al. 2017) so the large lr does not blow up the first steps, cosine
+    # decay, no decay on biases; the paper's lighting (it costs nothing: folded into the normalize).
     Recipe.FAST: {
-        "epochs": 40, "batch_size": 1024, "lr": 0.01, "scale_lr": True, "schedule": "cosine",
-        "warmup_epochs": 2.0, "no_decay_bias_norm": True,
+        "arch": Sourced("alexnet-owt", "this project: torchvision's network, fewer FLOPs than alexnet2012, no LRN"),
+        "init": Sourced("kaiming", "this project: He et al. 2015 normal, zero head (learns from step 1 on "
+                                   "the demo sample: docs/recipes.md)"),
+        "normalize": Sourced("mean-std", "this project: unit-variance input for He init"),
+        "lighting_std": Sourced(0.1, f"{_PAPER}, sec. 4.1"),
+        "batch_size": Sourced(1024, "this project: 8x the paper's batch"),
+        "lr": Sourced(0.01, "this project: the paper's lr per 128 images, scaled (Goyal et al. 2017)"),
+        "scale_lr": Sourced(True, "Goyal et al. 2017: linear scaling rule"),
+        "momentum": Sourced(0.9, _PAPER_SEC5),
+        "weight_decay": Sourced(5e-4, _PAPER_SEC5),
+        "no_decay_bias_norm": Sourced(True, "this project: decay shrinks biases without regularizing"),
+        "bias_lr_mult": Sourced(1.0, "this project: one lr"),
+        "schedule": Sourced("cosine", "Loshchilov & Hutter 2017 (SGDR), without restarts"),
+        "warmup_epochs": Sourced(2.0, "Goyal et al. 2017: gradual warm-up for the large-batch lr"),
+        "plateau_patience": Sourced(3, _UNUSED + " (cosine)"),
+        "max_lr_drops": Sourced(3, _UNUSED + " (cosine)"),
+        "step_epochs": Sourced(30, _UNUSED + " (cosine)"),
+        "step_iters": Sourced(0, _UNUSED + " (cosine)"),
+        "epochs": Sourced(40, "this project: not yet measured on ImageNet"),
+        "max_steps": Sourced(0, "this project: length in epochs"),
+        "dropout": Sourced(0.5, f"{_PAPER}, sec. 4.2"),
+        "label_smoothing": Sourced(0.0, "this project: plain cross-entropy"),
+        "ten_crop": Sourced(False, "this project: centre crop (a cheap per-epoch check)"),
     },
 }
+
+
+@dataclass(frozen=True)
+class Published:
+    """The accuracy a recipe's source reports on ILSVRC-2012 val, and how it was measured."""
+    top1: float | None          # accuracy, 0..1
+    top5: float | None
+    crops: int                  # 1 = centre crop, 10 = 4 corners + centre and their flips
+    source: str
+
+
+PUBLISHED: dict[Recipe, Published] = {
+    Recipe.PAPER: Published(1 - 0.407, 1 - 0.182, 10, f"{_PAPER}, sec. 6, table 1: one CNN, 40.7% / 18.2% "
+                                                      f"top-1/top-5 error on val (10 patches, sec. 4.1)"),
+    Recipe.BVLC: Published(0.571, 0.802, 1, f"{_BVLC}/readme.md l.18: 57.1% / 80.2%, \"just the center crop\" "
+                                            f"(iteration 360,000 snapshot)"),
+    Recipe.TORCHVISION: Published(0.56522, 0.79066, 1, "torchvision/models/alexnet.py AlexNet_Weights.IMAGENET1K_V1: "
+                                                       "acc@1 56.522, acc@5 79.066 (resize 256, centre crop 224)"),
+    Recipe.FAST: Published(None, None, 1, "not yet measured on ImageNet (no GPU run so far)"),
+}
+
+
+def recipe_preset(recipe: str) -> dict[str, Any]:
+    """{field: value} of a recipe; ConfigError naming `recipe` for an unknown name."""
+    try:
+        return {name: sourced.value for name, sourced in RECIPES[Recipe(recipe)].items()}
+    except ValueError:
+        raise ConfigError("recipe", f"unknown recipe {recipe!r}; choose one of "
+                                    f"{', '.join(r.value for r in Recipe)}") from None
 
 
 def input_scaled_by_std(arch: str, init: str, normalize: str) -> bool:
@@ -159,9 +336,11 @@ def input_scaled_by_std(arch: str, init: str, normalize: str) -> bool:
     N(0, 0.01) weights with bias 1 were chosen for that scale. On unit-variance input the first
     layer's output is ~60x smaller and the bias-1 layers drown it: at init the differences between
     images reach the penultimate layer at ~1e-4 of the common part, against ~6e-3 on raw-scale
-    input (tests/test_model.py measures it). Other inits (torch's, He) expect unit variance."""
+    input (tests/test_model.py measures it). BVLC's init (bias 0.1) was made for the same raw scale;
+    other inits (torch's, He) expect unit variance. `init` may be "default" (checkpoints' saved
+    config): the network's own."""
     if normalize == "auto":
-        return not (arch == "alexnet2012" and init == "default")
+        return resolve_init(arch, init) not in RAW_SCALE_INITS
     return normalize == "mean-std"
 
 
@@ -196,15 +375,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def resolve_config(recipe: str = "paper", config_file: str | Path | None = None,
+def resolve_config(recipe: str = DEFAULT_RECIPE.value, config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     """defaults < recipe < TOML file < explicit overrides (only the keys the user gave)."""
     file_values = load_toml(config_file) if config_file else {}
     recipe = (overrides or {}).get("recipe") or file_values.get("recipe") or recipe
-    try:
-        preset = RECIPES[Recipe(recipe)]
-    except ValueError:
-        raise ConfigError("recipe", f"unknown recipe {recipe!r}") from None
+    preset = recipe_preset(recipe)
     values = {**preset, **file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values["recipe"] = recipe
     cfg = TrainConfig(**values)
@@ -215,7 +391,7 @@ def resolve_config(recipe: str = "paper", config_file: str | Path | None = None,
 def recipe_values(name: str) -> dict[str, Any]:
     """{recipe: the value it gives field `name`}, for --help to show where the recipes differ."""
     default = FIELDS[name].default
-    return {r.value: RECIPES[r].get(name, default) for r in Recipe}
+    return {r.value: RECIPES[r][name].value if name in RECIPES[r] else default for r in Recipe}
 
 
 def save_config(cfg: TrainConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

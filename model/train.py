@@ -150,7 +150,7 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_b
         return loader_spec(split, data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch, ctx=ctx,
                            precision=precision, channels_last=cfg.channels_last, scale_by_std=cfg.scale_by_std,
                            on_corrupt=cfg.on_corrupt, workers=cfg.workers, seed=cfg.seed,
-                           lighting_std=cfg.lighting_std)
+                           lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val")
     try:
         train = make_loader(spec("train"), shards)
         val = make_loader(spec("val"), shards) if shards.has_split("val") else None

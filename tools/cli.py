@@ -13,6 +13,7 @@ subcommands, never the other way round.
     alexnet-fast eval --data OUT --checkpoint RUN/best.pt
     alexnet-fast profile --data OUT           # img/s per stage and what bounds the run
     alexnet-fast plot RUN [RUN ...]           # loss / accuracy / img/s curves of runs, compared
+    alexnet-fast recipes [NAME]               # paper / bvlc / torchvision / fast: values, sources, cost
 
 User mistakes (bad flags, missing paths, unreadable data) end with one line on stderr and a
 non-zero exit (2 for usage errors), never a traceback.
@@ -34,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "eval": "alexnet_fast.tools.cmd_eval:eval_command",
     "profile": "alexnet_fast.tools.cmd_profile:profile_command",
     "plot": "alexnet_fast.tools.cmd_plot:plot_command",
+    "recipes": "alexnet_fast.tools.cmd_recipes:recipes_command",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from alexnet_fast.model.config import ConfigError, TrainConfig, recipe_values, resolve_config
+from alexnet_fast.model.config import DEFAULT_RECIPE, ConfigError, TrainConfig, recipe_values, resolve_config
 from alexnet_fast.tools.common import (CONTEXT, UserError, check_device, check_global_batch, check_out_dir,
                                        open_shards, run_failures_as_one_line, world_size)
 from alexnet_fast.tools.flags import config_options, flag_name
@@ -17,7 +17,7 @@ from alexnet_fast.tools.flags import config_options, flag_name
 def config_from_flags(config_file: str | None, flags: dict) -> TrainConfig:
     """recipe < --config FILE < flags; a value no run can use is a usage error naming its flag."""
     try:
-        return resolve_config(flags.get("recipe") or "paper", config_file, flags)
+        return resolve_config(flags.get("recipe") or DEFAULT_RECIPE.value, config_file, flags)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=flag_name(e.field)) from None
 
@@ -48,6 +48,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def _recipe_note(name: str, default) -> str:
     """" [paper: 90, fast: 40]" where the recipes differ, " [default: x]" otherwise."""
+    if name == "recipe":
+        return f" [default: {DEFAULT_RECIPE.value}]"
     per_recipe = recipe_values(name)
     if len(set(map(repr, per_recipe.values()))) > 1:
         return " [" + ", ".join(f"{recipe}: {value}" for recipe, value in per_recipe.items()) + "]"
@@ -62,7 +64,10 @@ def train_command(config_file: str | None, **flags) -> None:
     """Train AlexNet on a shard set (DDP over every visible GPU, or --device cpu --nproc N).
 
     --batch-size is the GLOBAL batch: it is split evenly over all ranks (2 GPUs x 64 = 128).
-    Values come from the --recipe preset (paper | fast), then --config FILE, then the flags.
+    Values come from the --recipe preset (paper | bvlc | torchvision | fast; default fast), then
+    --config FILE, then the flags; `alexnet-fast recipes NAME` shows a preset with its sources.
+    --recipe paper is the 2012 paper exactly: its init sits at loss log(C) for the first steps
+    (measured on the demo sample: docs/recipes.md).
     The resolved config is printed and saved to OUT/config.json; metrics go to OUT/metrics.jsonl;
     checkpoints to OUT/last.pt and OUT/best.pt. SIGTERM/SIGINT write a checkpoint and exit 0;
     --resume continues where the run stopped.
