@@ -4,10 +4,13 @@ RUN/last.pt        the newest checkpoint
 RUN/last.prev.pt   the one before it (kept so a damaged last.pt costs one interval, not the run)
 RUN/best.pt        the one with the best val top-1 so far
 
-A save writes `<name>.tmp` in the same directory, flushes and fsyncs it, and only then renames it
-over the old file (os.replace is atomic on POSIX), so at every instant each name holds either the
-old complete checkpoint or the new complete one. A failing write (disk full, a kill) leaves the
-old file in place and removes the temp file. A load that finds `last.pt` truncated or unreadable
+A save writes `<name>.tmp.<host>.<pid>` in the same directory, flushes and fsyncs it, and only
+then renames it over the old file (os.replace is atomic on POSIX), so at every instant each name
+holds either the old complete checkpoint or the new complete one. A failing write (disk full)
+leaves the old file in place and removes the temp file. The temp name is the writer's own, so
+two processes writing the same run directory (which the run lock, tools/run_lock.py, normally
+prevents) can never remove or rename each other's temp files. A kill leaves the temp file behind;
+the next run removes it (`remove_stale_temporaries`) while it holds the run's lock. A load that finds `last.pt` truncated or unreadable
 warns and falls back to `last.prev.pt`.
 
 What a checkpoint holds is written in one place, `capture` (and read back in `restore`):
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ from alexnet_fast.model.loop import TrainState
 CHECKPOINT_FORMAT = "alexnet-fast-checkpoint-v1"
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 REQUIRED_KEYS = ("format", "model", "epoch", "step", "arch", "num_classes")
+TEMP_MARK = ".tmp."             # <name>.tmp.<host>.<pid>: see _temp_path
 
 
 class CheckpointError(RunError):
@@ -136,6 +141,23 @@ class _WriteErrorKeeper:
         self.fh.flush()
 
 
+def _temp_path(path: Path) -> Path:
+    """This process's temp file for `path`: `<name>.tmp.<host>.<pid>`, a name no other live writer
+    uses (the pid is read per call: a forked process gets its own)."""
+    return path.with_name(f"{path.name}{TEMP_MARK}{socket.gethostname()}.{os.getpid()}")
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the checkpoint temp files that killed writers left in `run_dir` (today's names and
+    the plain `<name>.tmp` of earlier versions). Only for the holder of the run's lock, before
+    its run writes anything: then no live writer owns any of them. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob(f"*.pt{TEMP_MARK}*"), *run_dir.glob("*.pt.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def _write_synced(obj: Any, tmp: Path) -> None:
     """torch.save into `tmp` and fsync it; on any failure (disk full, a signal) remove `tmp`.
     A failed write raises the OSError (ENOSPC, EFBIG, EDQUOT) itself."""
@@ -159,7 +181,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to `path` atomically: temp file + fsync + os.replace. On any failure the old
     file is untouched and the temp file is gone; the exception propagates."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_path(path)
     _write_synced(obj, tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -172,10 +194,10 @@ def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False) -> 
     run_dir = Path(run_dir)
     state = {"format": CHECKPOINT_FORMAT, **state}
     last, previous = run_dir / LAST, run_dir / PREVIOUS
-    tmp = run_dir / (LAST + ".tmp")
+    tmp = _temp_path(last)
     _write_synced(state, tmp)
     # The old last.pt was complete (only whole files ever get that name): keep it as the fallback.
-    # A kill between these two renames leaves last.prev.pt + a complete last.pt.tmp; load_checkpoint
+    # A kill between these two renames leaves last.prev.pt + a complete temp file; load_checkpoint
     # falls back to last.prev.pt.
     if last.exists():
         os.replace(last, previous)
@@ -187,8 +209,8 @@ def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False) -> 
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = _temp_path(dst)
+    tmp.unlink(missing_ok=True)     # ours, from a link that failed part-way
     try:
         os.link(src, tmp)       # files are never modified in place, so sharing the inode is safe
     except OSError:

@@ -6,12 +6,16 @@ before any worker starts, so a mistake is one line and exit 2; then run model.tr
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import click
 
 from alexnet_fast.model.config import DEFAULT_RECIPE, ConfigError, TrainConfig, recipe_values, resolve_config
 from alexnet_fast.tools.common import (CONTEXT, UserError, check_device, check_global_batch, check_out_dir,
-                                       open_shards, run_failures_as_one_line, world_size)
+                                       is_rank_zero, open_shards, run_failures_as_one_line, world_size)
 from alexnet_fast.tools.flags import config_options, flag_name
+from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 
 
 def config_from_flags(config_file: str | None, flags: dict) -> TrainConfig:
@@ -38,12 +42,42 @@ def train(cfg: TrainConfig) -> dict:
     from alexnet_fast.model.train import run_training
 
     try:
-        with run_failures_as_one_line("training", f"; continue from the last checkpoint with --resume --out {cfg.out}"):
+        with holding_run_directory(cfg), \
+                run_failures_as_one_line("training", f"; continue from the last checkpoint with --resume --out {cfg.out}"):
             return run_training(cfg)
     except SignalException as e:
         # The launcher passed the signal on to the workers, which wrote RUN/last.pt and exited.
         click.echo(f"stopped by signal {e.sigval.name}; continue with --resume --out {cfg.out}", err=True)
         return {"outcome": "stopped"}
+
+
+def holding_run_directory(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """RUN belongs to one run: the process of rank 0 holds RUN's lock (tools/run_lock.py) for the
+    whole run, and a second `train` on RUN is refused (one line, exit 2) before it touches
+    anything there. That process is this command when it launches the workers itself (they are
+    its children and never lock), or rank 0's command under an outer torchrun; the other ranks'
+    commands take no lock, so there is one lock per run, not one per rank."""
+    if not is_rank_zero():
+        return contextlib.nullcontext()
+    from alexnet_fast.model.checkpoint import remove_stale_temporaries
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(hold_directory(cfg.out, "train", warn=lambda message: click.echo(
+            f"alexnet-fast train: warning: {message}", err=True)))
+    except DirectoryInUse as e:
+        what_to_do = (f"wait for it to end, or stop it (kill {e.holder.pid} on {e.holder.host}: it writes a checkpoint)"
+                      if e.holder else "wait for it to end, or stop it")
+        raise UserError(f"{e}; {what_to_do}, then continue with --resume --out {cfg.out}; "
+                        f"or train into another --out") from None
+    except LockError as e:
+        raise UserError(str(e)) from None
+    try:
+        remove_stale_temporaries(Path(cfg.out))     # no writer of RUN is alive now: a killed run's temp files
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 def _recipe_note(name: str, default) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
+from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import ImageOptions, convert_image, read_item
 from alexnet_fast.tools.sharding.errors import RejectedImage, ShardingError
@@ -163,11 +164,25 @@ class _SplitWriter:
         return [r for s in self.finished for r in s.rejected] + self.pending_rejected
 
 
-def _check_out(out: Path) -> None:
+def _holding_out(out: Path, log: Callable[[str], None]) -> contextlib.AbstractContextManager:
+    """OUT belongs to one make_shards at a time (tools/run_lock.py): held until the run ends; a
+    second one on the same OUT is refused (ShardingError) before it changes anything there."""
     if out.exists() and not out.is_dir():
         raise ShardingError(f"OUT {str(out)!r} is a file, not a directory")
+    stack = contextlib.ExitStack()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(hold_directory(out, "make_shards", warn=log))
+    except DirectoryInUse as e:
+        raise ShardingError(f"OUT {e}; wait for it to finish (rerunning this command then has nothing to do), "
+                            "or stop it and rerun this command to continue its work") from None
+    except LockError as e:
+        raise ShardingError(f"OUT {str(out)!r} is not writable: {e.reason}") from None
+    return stack
+
+
+def _check_out(out: Path) -> None:
+    """OUT (already created and locked) takes new files."""
+    try:
         probe = out / ".make_shards-write-test"
         probe.write_bytes(b"")
         probe.unlink()
@@ -207,73 +222,74 @@ def make_shards(
     raw, out = Path(raw), Path(out)
     workers = workers or default_workers()
     discovery = discover(raw)
-    _check_out(out)  # before any log line: a bad OUT is a one-line error
-    log(f"found {discovery.describe()}")
-    for note in discovery.notes:
-        log(note)
+    with _holding_out(out, log):  # before any log line: a bad or busy OUT is a one-line error
+        _check_out(out)
+        log(f"found {discovery.describe()}")
+        for note in discovery.notes:
+            log(note)
 
-    args = {"raw": str(raw.resolve()), **asdict(opts)}
-    fingerprint = job_fingerprint(discovery, args)
-    previous = read_manifest(out)
-    if previous is not None:
-        if previous.get("created_by", {}).get("fingerprint") == fingerprint:
-            resume.clear_state(out)  # a kill between manifest and clean-up leaves the sidecars
-            resume.remove_temporaries(out)
-            return RunReport(out, discovery.describe(), {}, {}, 0, len(previous.get("rejected", [])), 0.0, 0,
-                             up_to_date=True)
-        if not overwrite:
-            raise ShardingError(
-                f"OUT {str(out)!r} already holds a shard set made from other inputs or options; "
-                "choose another OUT or pass --overwrite"
-            )
-        (out / MANIFEST_NAME).unlink()
-        (out / STATS_NAME).unlink(missing_ok=True)
+        args = {"raw": str(raw.resolve()), **asdict(opts)}
+        fingerprint = job_fingerprint(discovery, args)
+        previous = read_manifest(out)
+        if previous is not None:
+            if previous.get("created_by", {}).get("fingerprint") == fingerprint:
+                resume.clear_state(out)  # a kill between manifest and clean-up leaves the sidecars
+                resume.remove_temporaries(out)
+                return RunReport(out, discovery.describe(), {}, {}, 0, len(previous.get("rejected", [])), 0.0, 0,
+                                 up_to_date=True)
+            if not overwrite:
+                raise ShardingError(
+                    f"OUT {str(out)!r} already holds a shard set made from other inputs or options; "
+                    "choose another OUT or pass --overwrite"
+                )
+            (out / MANIFEST_NAME).unlink()
+            (out / STATS_NAME).unlink(missing_ok=True)
+            resume.clear_state(out)
+            _remove_shard_files(out, keep=set())
+        resume.remove_temporaries(out)
+
+        ordered = _ordered_items(discovery, opts.seed)
+        classes = {wnid: i for i, wnid in enumerate(discovery.classes)}
+        writers = {
+            split: _SplitWriter(out, split, opts.per_shard, fingerprint, classes,
+                                resume.reusable_prefix(out, split, fingerprint))
+            for split in SPLITS
+        }
+        reused = sum(len(w.finished) for w in writers.values())
+        if reused:
+            log(f"resuming: reusing {reused} finished shard(s)")
+        tasks = [(split, i, item) for split in SPLITS for i, item in enumerate(ordered[split]) if i >= writers[split].first_item]
+
+        with _converter(opts.image, workers if len(tasks) > 1 else 1) as convert_all:
+            results: Iterable = convert_all([item for _, _, item in tasks])
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(tasks), unit="img", desc="make_shards", dynamic_ncols=True,
+                               mininterval=0.5, smoothing=0.1)
+            for (split, i, item), result in zip(tasks, results):
+                writers[split].add(i, item, result)
+        for split in SPLITS:
+            writers[split].flush(len(ordered[split]))
+
+        keep = {name for w in writers.values() for r in w.records() for name in (r.tar, r.index)}
+        _remove_shard_files(out, keep)  # shards of an earlier, longer attempt of this job
+        train_tars = [out / r.tar for r in writers["train"].records()]
+        if train_tars:
+            _compute_stats(out, train_tars, opts, workers, progress, log)
+
+        rejected = discovery.rejected + [r for w in writers.values() for r in w.rejected()]
+        manifest = build_manifest(discovery, args, fingerprint, {s: w.records() for s, w in writers.items()}, rejected)
+        write_manifest(out, manifest)  # last: its presence means the set is complete
         resume.clear_state(out)
-        _remove_shard_files(out, keep=set())
-    resume.remove_temporaries(out)
-
-    ordered = _ordered_items(discovery, opts.seed)
-    classes = {wnid: i for i, wnid in enumerate(discovery.classes)}
-    writers = {
-        split: _SplitWriter(out, split, opts.per_shard, fingerprint, classes,
-                            resume.reusable_prefix(out, split, fingerprint))
-        for split in SPLITS
-    }
-    reused = sum(len(w.finished) for w in writers.values())
-    if reused:
-        log(f"resuming: reusing {reused} finished shard(s)")
-    tasks = [(split, i, item) for split in SPLITS for i, item in enumerate(ordered[split]) if i >= writers[split].first_item]
-
-    with _converter(opts.image, workers if len(tasks) > 1 else 1) as convert_all:
-        results: Iterable = convert_all([item for _, _, item in tasks])
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(tasks), unit="img", desc="make_shards", dynamic_ncols=True,
-                           mininterval=0.5, smoothing=0.1)
-        for (split, i, item), result in zip(tasks, results):
-            writers[split].add(i, item, result)
-    for split in SPLITS:
-        writers[split].flush(len(ordered[split]))
-
-    keep = {name for w in writers.values() for r in w.records() for name in (r.tar, r.index)}
-    _remove_shard_files(out, keep)  # shards of an earlier, longer attempt of this job
-    train_tars = [out / r.tar for r in writers["train"].records()]
-    if train_tars:
-        _compute_stats(out, train_tars, opts, workers, progress, log)
-
-    rejected = discovery.rejected + [r for w in writers.values() for r in w.rejected()]
-    manifest = build_manifest(discovery, args, fingerprint, {s: w.records() for s, w in writers.items()}, rejected)
-    write_manifest(out, manifest)  # last: its presence means the set is complete
-    resume.clear_state(out)
-    return RunReport(
-        out=out,
-        layout=discovery.describe(),
-        samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
-        shards={s: len(manifest["splits"][s]["shards"]) for s in SPLITS},
-        reused_shards=reused,
-        rejected=len(rejected),
-        seconds=time.perf_counter() - started,
-        converted=len(tasks),
-        notes=discovery.notes,
-    )
+        return RunReport(
+            out=out,
+            layout=discovery.describe(),
+            samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
+            shards={s: len(manifest["splits"][s]["shards"]) for s in SPLITS},
+            reused_shards=reused,
+            rejected=len(rejected),
+            seconds=time.perf_counter() - started,
+            converted=len(tasks),
+            notes=discovery.notes,
+        )

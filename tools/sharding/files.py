@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"     # a temp file is `<name>.tmp.<host>.<pid>` (`<name>.tmp` before per-writer names)
+
+
+def temp_path(path: Path) -> Path:
+    """This process's temp file for `path`: named after its writer (host, pid), so two processes
+    writing the same OUT (which the OUT lock, tools/run_lock.py, normally prevents) never remove
+    or rename each other's temp files."""
+    return path.with_name(f"{path.name}{TMP_SUFFIX}.{socket.gethostname()}.{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that at every instant `path` is either absent/old or complete.
 
-    A kill -9 mid-write leaves only `path.tmp`, which the next run deletes. A failed write (a full
-    disk, a file-size limit) removes `path.tmp` and raises OSError naming `path`.
+    A kill -9 mid-write leaves only the temp file (`temp_path`), which the next run deletes. A
+    failed write (a full disk, a file-size limit) removes it and raises OSError naming `path`.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

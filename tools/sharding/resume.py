@@ -82,9 +82,12 @@ def reusable_prefix(out: Path, split: str, fingerprint: str) -> list[FinishedSha
 
 
 def remove_temporaries(out: Path) -> None:
-    """Half-written files of a killed run (`*.tmp`): never complete, never reused."""
-    leftovers = [*out.glob(f"*{TMP_SUFFIX}"), *(out / STATE_DIR).glob(f"*{TMP_SUFFIX}"),
-                 *out.glob(f".*{TMP_SUFFIX}-*")]  # the stats writer's `.stats.json.tmp-<pid>`
+    """Half-written files of killed runs (`*.tmp.<host>.<pid>`, and `*.tmp` of earlier versions):
+    never complete, never reused. Called only by the holder of OUT's lock, so no live writer owns
+    any of them."""
+    leftovers = [path for folder in (out, out / STATE_DIR)
+                 for pattern in (f"*{TMP_SUFFIX}", f"*{TMP_SUFFIX}.*") for path in folder.glob(pattern)]
+    leftovers += out.glob(f".*{TMP_SUFFIX}-*")  # the stats writer's `.stats.json.tmp-<pid>`
     for path in leftovers:
         path.unlink(missing_ok=True)
 
