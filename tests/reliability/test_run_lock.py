@@ -1,8 +1,8 @@
 """One job per directory (tools/run_lock.py): a second `train` on a run directory that a live run
 holds, or a second make_shards on an OUT being written, is refused in one line naming the holder,
 and changes nothing there; the first job finishes as if alone. A SIGKILLed holder leaves no stale
-lock: `--resume` starts at once. A multi-process run holds one lock (its launching process), and
-its workers do not trip over it.
+lock: `--resume` starts at once. A multi-process run holds one lock (the launching command with
+--nproc 2, rank 0's command under an outer torchrun), and its other processes do not trip over it.
 
 Every process is real. To make "while the first one runs" deterministic instead of a race against
 a timer, the first job is frozen with SIGSTOP (its whole process group: the launcher and its
@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -176,6 +177,24 @@ def test_two_process_run_holds_one_lock_and_does_not_trip_over_it(train_set, tmp
             assert _holder_phrase("train", first.pid) in one_error_line(second.stderr)
     finally:
         code, out, err = _finish(first, tmp_path / "first")
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in _records(run_dir) if "val_top1" not in r] == [1]
+    assert (run_dir / LOCK_NAME).read_text() == ""
+
+
+def test_under_an_outer_torchrun_only_rank_0_takes_the_lock(train_set, tmp_path):
+    """torchrun starts the command once per rank: rank 0's process holds RUN for the run, rank 1's
+    takes no lock (if it tried, rank 0's lock would refuse it and fail the run)."""
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "alexnet_fast.tools.cli", *TRAIN[3:]]
+    first = _start([*torchrun, "--data", train_set, "--out", run_dir, "--max-steps", "1"], tmp_path / "first")
+    try:
+        holder = _holder(run_dir, first)
+        environ = Path(f"/proc/{holder['pid']}/environ").read_bytes().split(b"\0")
+        assert b"RANK=0" in environ and holder["pid"] != first.pid       # rank 0's command, not torchrun
+    finally:
+        code, _, err = _finish(first, tmp_path / "first")
     assert code == 0, err[-3000:]
     assert [r["step"] for r in _records(run_dir) if "val_top1" not in r] == [1]
     assert (run_dir / LOCK_NAME).read_text() == ""
