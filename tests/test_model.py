@@ -1,5 +1,5 @@
-"""The two networks: shapes, parameter counts, the paper's LRN and init, torchvision's key layout,
-and that each can fit a small batch."""
+"""The networks: shapes, parameter counts, the paper's and Caffe's LRN, every named init's per-layer
+statistics, torchvision's key layout, and that each can fit a small batch."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet_fast.model.alexnet import AlexNet2012, build_model, count_parameters
+from alexnet_fast.model.alexnet import AlexNet2012, build_model, count_parameters, resolve_init
 from alexnet_fast.model.config import TrainConfig
 from alexnet_fast.model.optim import make_optimizer
 from alexnet_fast.model.loop import Engine, TrainState, train_one_epoch
@@ -108,6 +108,97 @@ def test_paper_init():
     assert all(torch.all(layer.bias == 0) for layer in zeros)
 
 
+def _convs_and_fcs(model):
+    return ([m for m in model.modules() if isinstance(m, nn.Conv2d)],
+            [m for m in model.modules() if isinstance(m, nn.Linear)])
+
+
+def _fan_in(layer) -> int:
+    return layer.weight[0].numel()          # in_channels/groups * kernel area, or in_features
+
+
+# Per layer (conv1..conv5, fc6, fc7, fc8): weight std and the constant bias, as each source states.
+GAUSSIAN_INITS = {
+    # the paper, sec. 5
+    "paper": ([0.01] * 8, [0, 1, 0, 1, 1, 1, 1, 0]),
+    # BVLC models/bvlc_alexnet/train_val.prototxt weight_filler / bias_filler
+    "bvlc": ([0.01] * 5 + [0.005, 0.005, 0.01], [0, 0.1, 0, 0.1, 0.1, 0.1, 0.1, 0]),
+}
+
+
+@pytest.mark.parametrize("arch", ["alexnet2012", "alexnet-owt"])
+@pytest.mark.parametrize("init", ["paper", "bvlc"])
+def test_gaussian_inits_per_layer(init, arch):
+    torch.manual_seed(0)
+    convs, fcs = _convs_and_fcs(build_model(arch, 1000, init=init))
+    stds, biases = GAUSSIAN_INITS[init]
+    for layer, std, bias in zip(convs + fcs, stds, biases):
+        tolerance = 6 / math.sqrt(layer.weight.numel())            # ~6 standard errors of the sample std
+        assert layer.weight.mean().abs() < 6 * std / math.sqrt(layer.weight.numel())
+        assert layer.weight.std().item() == pytest.approx(std, rel=tolerance)
+        assert torch.all(layer.bias == bias)
+
+
+@pytest.mark.parametrize("arch", ["alexnet2012", "alexnet-owt"])
+def test_torch_init_per_layer(arch):
+    """torch's layer defaults: weight and bias ~ U(-b, b), b = 1/sqrt(fan_in) (kaiming_uniform_ with
+    a=sqrt(5)), fan_in counting only the maps a grouped kernel sees."""
+    torch.manual_seed(0)
+    convs, fcs = _convs_and_fcs(build_model(arch, 1000, init="torch"))
+    for layer in convs + fcs:
+        bound = 1 / math.sqrt(_fan_in(layer))
+        for tensor in (layer.weight, layer.bias):
+            assert tensor.abs().max().item() <= bound
+            assert tensor.std().item() == pytest.approx(bound / math.sqrt(3), rel=8 / math.sqrt(tensor.numel()))
+        assert layer.weight.abs().max().item() > 0.99 * bound     # the whole range is used
+
+
+@pytest.mark.parametrize("arch", ["alexnet2012", "alexnet-bvlc", "alexnet-owt"])
+def test_kaiming_init_per_layer(arch):
+    """He-normal std sqrt(2/fan_in), zero biases, an all-zero output layer."""
+    torch.manual_seed(0)
+    convs, fcs = _convs_and_fcs(build_model(arch, 1000, init="kaiming"))
+    for layer in convs + fcs[:2]:
+        std = math.sqrt(2 / _fan_in(layer))
+        assert layer.weight.std().item() == pytest.approx(std, rel=6 / math.sqrt(layer.weight.numel()))
+        assert torch.all(layer.bias == 0)
+    assert torch.all(fcs[2].weight == 0) and torch.all(fcs[2].bias == 0)
+
+
+def test_default_init_is_the_networks_own():
+    """init="default" (checkpoints from before the named inits) draws what the named init draws."""
+    for arch, own in (("alexnet2012", "paper"), ("alexnet-bvlc", "bvlc"), ("alexnet-owt", "torch")):
+        assert resolve_init(arch, "default").value == own
+        torch.manual_seed(1)
+        by_default = build_model(arch, 10, init="default").state_dict()
+        torch.manual_seed(1)
+        by_name = build_model(arch, 10, init=own).state_dict()
+        assert all(torch.equal(by_default[k], by_name[k]) for k in by_default)
+    with pytest.raises(ValueError, match="paper, bvlc, torch, kaiming, default"):
+        build_model("alexnet2012", 10, init="xavier")
+
+
+def test_bvlc_network_is_the_papers_with_caffes_lrn():
+    """models/bvlc_alexnet/train_val.prototxt: conv1 relu1 norm1 pool1 conv2 relu2 norm2 pool2 conv3
+    relu3 conv4 relu4 conv5 relu5 pool5 fc6 relu6 drop6 fc7 relu7 drop7 fc8: the paper's order,
+    kernels and groups, so the same parameter count; only the LRN constants differ."""
+    bvlc, paper = build_model("alexnet-bvlc", 1000), build_model("alexnet2012", 1000)
+    assert count_parameters(bvlc) == 60_965_224
+    assert [type(m).__name__ for m in bvlc.features] == [
+        "Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d", "Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d",
+        "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in bvlc.classifier] == [type(m).__name__ for m in paper.classifier]
+    assert [(tuple(v.shape)) for v in bvlc.state_dict().values()] == \
+        [(tuple(v.shape)) for v in paper.state_dict().values()]
+    # Caffe (src/caffe/layers/lrn_layer.cpp): b = a / (k + alpha/n * sum a^2)^beta, k = 1 by default
+    a = torch.randn(2, 96, 5, 5, dtype=torch.float64) * 100
+    squares = a.pow(2)
+    window_sums = torch.stack([squares[:, max(0, i - 2):min(96, i + 3)].sum(dim=1) for i in range(96)], dim=1)
+    for lrn in (bvlc.features[2], bvlc.features[6]):
+        assert torch.allclose(lrn(a), a / (1.0 + 1e-4 / 5 * window_sums).pow(0.75), rtol=1e-10, atol=0)
+    assert not torch.allclose(bvlc.features[2](a), paper.features[2](a))
+
+
 def test_owt_matches_torchvision_state_dict():
     model = build_model("alexnet-owt", 1000)
     state = model.state_dict()
@@ -175,3 +266,7 @@ def test_paper_init_needs_the_papers_raw_scale_input(shard_set):
     assert input_scaled_by_std("alexnet2012", "kaiming", "auto") is True
     assert input_scaled_by_std("alexnet-owt", "default", "auto") is True
     assert input_scaled_by_std("alexnet2012", "default", "mean-std") is True
+    # the named inits: paper's and BVLC's were made for the raw scale, on any network
+    assert [input_scaled_by_std(arch, init, "auto") for arch, init in (
+        ("alexnet-owt", "paper"), ("alexnet2012", "bvlc"), ("alexnet-bvlc", "default"), ("alexnet2012", "torch"))] \
+        == [False, False, False, True]
