@@ -20,7 +20,7 @@ from alexnet_fast.model.runtime import DEVICES
 from alexnet_fast.pipeline.loader_spec import LOADER_KINDS
 from alexnet_fast.tools.cmd_eval import evaluate_checkpoint
 from alexnet_fast.tools.cmd_train import train
-from alexnet_fast.tools.common import CONTEXT, check_device, check_out_dir
+from alexnet_fast.tools.common import CONTEXT, UserError, check_device, check_out_dir
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ def demo_command(out_dir: str | None, device: str, loader: str) -> None:
 def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None) -> dict:
     from alexnet_fast.tools.sample_data import SampleSpec, write_raw_imagenet
     from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
+    from alexnet_fast.tools.sharding.errors import ShardingError
 
     size = size or (DEMO_GPU if device == "cuda" else DEMO_CPU)
     started = time.perf_counter()
@@ -71,8 +72,11 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
         write_raw_imagenet(raw, SampleSpec(classes=size.classes, train_per_class=size.train_per_class,
                                            val_per_class=size.val_per_class, odd_files=False))
     click.echo(f"[2/4] sharding -> {shards_dir}")
-    report = make_shards(raw, shards_dir, ShardOptions(per_shard=200), workers=default_workers(),
-                         progress=True, log=lambda msg: click.echo(f"      {msg}"))
+    try:    # e.g. another demo with the same --out is sharding there now (its lock refuses this one)
+        report = make_shards(raw, shards_dir, ShardOptions(per_shard=200), workers=default_workers(),
+                             progress=True, log=lambda msg: click.echo(f"      {msg}"))
+    except ShardingError as e:
+        raise UserError(str(e)) from None
     click.echo(f"      {report.summary()}")
     gpus = _demo_gpus(size.batch_size) if device == "cuda" else 0
     cfg = resolve_config("fast", None, dict(
