@@ -82,6 +82,42 @@ def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: 
     }
 
 
+def to_host(obj: Any, reuse: Any = None) -> Any:
+    """A copy of `obj` (a checkpoint dict) whose tensors are CPU tensors of their own: what a
+    background write saves while training goes on changing the originals. `reuse`: an earlier
+    copy of the same structure (no write may still be reading it) whose tensors are overwritten in
+    place -- measured on the 2-core CPU VM, copying AlexNet's 244 MB of weights into a fresh tensor
+    took ~0.09 s (page faults of new memory), into an existing one ~0.02 s. On a GPU the copies go
+    to pinned memory without a sync per tensor; one synchronize at the end makes them complete."""
+    on_gpu = False
+
+    def copy(value: Any, old: Any) -> Any:
+        nonlocal on_gpu
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype \
+                    and old.device.type == "cpu" and (old.is_pinned() or not value.is_cuda):
+                host = old
+            elif value.is_cuda:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            else:
+                return value.clone()
+            on_gpu = on_gpu or value.is_cuda
+            return host.copy_(value, non_blocking=value.is_cuda)
+        if isinstance(value, dict):
+            old = old if isinstance(old, dict) else {}
+            return {k: copy(v, old.get(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            old = old if isinstance(old, (list, tuple)) and len(old) == len(value) else [None] * len(value)
+            return type(value)(copy(v, o) for v, o in zip(value, old))
+        return value
+
+    host = copy(obj, reuse)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return host
+
+
 @dataclass(frozen=True)
 class Restored:
     state: TrainState

@@ -172,6 +172,10 @@ class EpochResult:
     images: int                      # images this rank trained on in this call
     seconds: float
     losses: list[float] = field(default_factory=list)   # the logged losses (one per log point)
+    # host clock (time.perf_counter) around the epoch's steps: what the epoch boundary is timed by
+    first_batch_s: float = 0.0       # from the call to the first batch in hand (the pipeline's start-up)
+    first_step_at: float = 0.0       # when the first step began
+    last_step_at: float = 0.0        # when the last step returned
 
 
 def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -191,10 +195,14 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
     epoch_loss_sum, epoch_steps, images_seen, logged = 0.0, 0, 0, []
     window_steps, window_images, window_start = 0, 0, time.perf_counter()
     start = window_start
+    first_step_at = last_step_at = 0.0
     outcome = Outcome.COMPLETED
 
     for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
+        if not first_step_at:
+            first_step_at = time.perf_counter()
         loss = train_step(engine, images, labels)
+        last_step_at = time.perf_counter()
         state.step += 1
         state.step_in_epoch = index + 1
         device_step += 1
@@ -239,7 +247,8 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         state.epoch += 1
         state.step_in_epoch = 0
     return EpochResult(outcome, epoch_loss_sum / max(epoch_steps, 1), images_seen,
-                       time.perf_counter() - start, logged)
+                       time.perf_counter() - start, logged, first_batch_s=max(0.0, first_step_at - start),
+                       first_step_at=first_step_at, last_step_at=last_step_at)
 
 
 def raise_if_loss_was_bad(first_bad_step: torch.Tensor) -> None:

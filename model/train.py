@@ -12,6 +12,7 @@ steps (model/loop.py StopAgreement), write RUN/last.pt and exit 0.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -22,6 +23,8 @@ import torch
 
 from alexnet_fast.model import checkpoint as ckpt
 from alexnet_fast.model import distributed as D
+from alexnet_fast.model.background import Background, Redrawer
+from alexnet_fast.model.boundary import EpochBoundary
 from alexnet_fast.model.config import TrainConfig, format_config, save_config
 from alexnet_fast.model.errors import TrainingError
 from alexnet_fast.model.evaluate import EvalResult, evaluate
@@ -96,36 +99,55 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     hooks = LoopHooks(checkpoint=lambda: checkpoints.save(state), stop_requested=lambda: stop.requested,
                       stop_agreement=agreement)
     result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
+    boundary = EpochBoundary()      # the stall between two epochs, by part (model/boundary.py)
+    curves = Redrawer(lambda: write_curves([run_dir], run_dir / "curves.png"), "curves") if ctx.is_main else None
     try:
         while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
             epoch = state.epoch
-            position_loader(ctx, train_loader, state, loader_state)
+            with boundary.part("pipeline"):
+                position_loader(ctx, train_loader, state, loader_state)
             epoch_result = run_epoch(cfg, ctx, engine, train_loader, state, hooks, log, steps_per_epoch)
+            stall_before = {**boundary.fields(epoch_result), **checkpoints.timings()}
+            boundary.begin(epoch_result.last_step_at)
             if epoch_result.outcome is Outcome.STOPPED:
                 checkpoints.save(state)
+                checkpoints.finish()
                 name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
                 say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {run_dir / ckpt.LAST}"
                          f" (continue with --resume)")
                 result["outcome"] = Outcome.STOPPED.value
                 break
             finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
-            val = (evaluate_val(model, val_loader, ctx, precision, cfg.channels_last)
-                   if finished or state.epoch % cfg.eval_every == 0 else None)
-            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log)
+            if not finished:        # the next epoch's pipeline builds while this boundary's work runs
+                with boundary.part("pipeline"):
+                    train_loader.prepare(state.epoch)
+            with boundary.part("eval"):
+                val = (evaluate_val(model, val_loader, ctx, precision, cfg.channels_last)
+                       if finished or state.epoch % cfg.eval_every == 0 else None)
+            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log, stall_before)
             if val is not None:
                 result["val"] = val.as_dict()
             is_best = val is not None and val.top1 > state.best_top1
             if is_best:
                 state.best_top1 = val.top1
-            checkpoints.save(state, is_best)
-            if ctx.is_main:
-                write_curves([run_dir], run_dir / "curves.png")
+            with boundary.part("checkpoint"):
+                checkpoints.save(state, is_best)
+            if curves is not None:
+                with boundary.part("plot"):
+                    curves.request()         # drawn on a thread of its own: never blocks a step
             if epoch_result.outcome is Outcome.MAX_STEPS:
                 result["outcome"] = Outcome.MAX_STEPS.value
                 break
+        checkpoints.finish()
     finally:
         stop.uninstall()
         log.close()
+        if curves is not None:
+            curves.flush()
+            for error in curves.errors[:1]:
+                warn(ctx, f"could not draw {run_dir / 'curves.png'}: {error}")
+        with contextlib.suppress(Exception):    # a run that failed: still let a good write land whole
+            checkpoints.finish()
     agreement.drain()
     if result["outcome"] == Outcome.STOPPED.value:
         D.leave_after_stop()
@@ -243,10 +265,12 @@ def evaluate_val(model: torch.nn.Module, val_loader, ctx: D.DistContext, precisi
 
 
 def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: EvalResult | None, engine: Engine,
-              train_loader, state: TrainState, objects: ckpt.RunObjects, log: RunLog) -> None:
-    """The epoch's record (metrics.jsonl and one line), and the plateau schedule's step."""
+              train_loader, state: TrainState, objects: ckpt.RunObjects, log: RunLog,
+              stall_before: dict[str, float]) -> None:
+    """The epoch's record (metrics.jsonl and one line), and the plateau schedule's step.
+    `stall_before`: the boundary before the epoch's first step (model/boundary.py)."""
     record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
-              "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9)}
+              "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9), **stall_before}
     skipped = getattr(train_loader, "num_skipped", 0)
     if skipped:     # --on-corrupt skip: say how many samples this rank left out so far
         record["skipped_samples"] = skipped
@@ -263,27 +287,60 @@ def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: Ev
 
 
 class Checkpointer:
-    """Writes the run's checkpoints: every rank's RNG and loader states gathered, rank 0 writes."""
+    """Writes the run's checkpoints without making the GPUs wait for the disk.
+
+    `save` is collective: every rank's RNG and loader states are gathered at the step the
+    checkpoint belongs to, and rank 0 copies the whole state to host memory (`ckpt.to_host`: the
+    only part on the critical path). Writing, fsync and the renames then run on a background
+    thread while training goes on (model/background.py); at most one write is in flight, so the
+    next save, and the end of the run, wait for the previous one. Crash safety is the atomic
+    save's (temp file, fsync, rename): a kill at any point of a background write leaves the
+    previous last.pt (or last.prev.pt) whole. A write that fails (disk full) is raised by the next
+    save or by `finish`, as the same one-line TrainingError a synchronous write gave."""
 
     def __init__(self, ctx: D.DistContext, run_dir: Path, objects: ckpt.RunObjects, identity: ckpt.RunIdentity,
                  train_loader) -> None:
         self.ctx, self.run_dir, self.objects, self.identity = ctx, run_dir, objects, identity
         self.train_loader = train_loader
+        self.writer = Background("checkpoint writer")
+        self._written_s: list[float] = []        # durations of the background writes finished so far
+        self._waited_s: list[float] = []         # how long saves waited for the write before them
+        self._snapshot: dict | None = None      # the last host copy: its memory is reused by the next one
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
-        """Collective: every rank calls it at the same step."""
         rng = D.all_gather_objects(ckpt.rng_state())
         loaders = D.all_gather_objects(self.train_loader.state_dict())
         if not self.ctx.is_main:
             return
+        # the previous write reads the host copy about to be overwritten (done long ago, normally)
+        self._waited_s.append(self.writer.wait())
+        snapshot = self._snapshot = ckpt.to_host(ckpt.capture(self.objects, state, self.identity, rng, loaders),
+                                                 reuse=self._snapshot)
+        step = state.step
+        self.writer.submit(lambda: self._write(snapshot, step, is_best))
+
+    def finish(self) -> None:
+        """Wait for the write in flight: on return the last checkpoint is on disk (or its error raised)."""
+        self.writer.wait()
+
+    def timings(self) -> dict[str, float]:
+        """For the epoch record, since the last call: `checkpoint_write_s`, the background writes
+        that finished; `checkpoint_wait_s`, how long saves waited for a write still in flight (the
+        part of the writing that was not overlapped with training)."""
+        written, waited = sum(self._written_s), sum(self._waited_s)
+        self._written_s, self._waited_s = [], []
+        return {"checkpoint_write_s": written, "checkpoint_wait_s": waited} if written else {}
+
+    def _write(self, snapshot: dict, step: int, is_best: bool) -> None:
+        started = time.perf_counter()
         try:
-            ckpt.save_checkpoint(ckpt.capture(self.objects, state, self.identity, rng, loaders), self.run_dir,
-                                 is_best=is_best)
+            ckpt.save_checkpoint(snapshot, self.run_dir, is_best=is_best)
         except OSError as e:    # disk full, quota: save_checkpoint removed its temp file, the old ones stand
             kept = (f"{ckpt.LAST} still holds the previous one" if (self.run_dir / ckpt.LAST).exists()
                     else "no checkpoint was written")
-            raise TrainingError(f"cannot write a checkpoint to {self.run_dir} at step {state.step}: "
+            raise TrainingError(f"cannot write a checkpoint to {self.run_dir} at step {step}: "
                                 f"{e.strerror or e}; {kept}") from None
+        self._written_s.append(time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ class BaselineLoader:
     def __len__(self) -> int:
         return self._batches
 
+    def prepare(self, epoch: int) -> None:
+        """The Loader contract's early start: the DataLoader's worker processes start when it is
+        iterated, so here it is just set_epoch."""
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._first = epoch, 0
         self._plan = EpochPlan.make(self.spec, self.shard_set, epoch)

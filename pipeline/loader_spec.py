@@ -66,6 +66,9 @@ class Loader(Protocol):
 
     def set_epoch(self, epoch: int) -> None: ...   # the next iteration is epoch `epoch` from its first batch
 
+    def prepare(self, epoch: int) -> None: ...     # set_epoch, and start that epoch now, in the background
+    # (the DALI loader builds its pipeline and decodes the first batch while the caller does other work)
+
     def resume(self, epoch: int, batches_done: int, state: dict | None = None) -> bool: ...
     # the next iteration yields epoch `epoch` from batch `batches_done` on; True if `state` (from
     # state_dict) restored the loader there, False if it replays the batches before it

@@ -10,7 +10,7 @@ import pytest
 from alexnet_fast.model.runlog import read_metrics
 from alexnet_fast.tools.cli import run_command
 from alexnet_fast.tools.cmd_plot import plot_command
-from alexnet_fast.tools.cmd_train import DemoSize, run_demo
+from alexnet_fast.tools.cmd_demo import DemoSize, run_demo
 
 
 def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, capsys):

@@ -2,12 +2,14 @@
 
     python killpoint.py OUT --trace LIST -- SCRIPT ARGS...         # append each finished file to LIST
     python killpoint.py OUT --kill NAME:WHEN[:N] -- SCRIPT ARGS... # kill -9 at that file (its N-th write)
+    KILLPOINT_NOTE=FILE python killpoint.py ...                     # and write the killing thread's name there
 
 Every file the project writes in OUT becomes final through `os.replace(temp, final)` (shards,
 indices, resume sidecars, stats.json, manifest.json, checkpoints). This wrapper watches those
 renames: NAME is the final file's path relative to OUT (`train-000003.tar`,
 `.make_shards/train-000003.json`, `manifest.json`, `last.pt`); WHEN is `before` (its temp file is
-complete, the rename has not happened) or `after` (renamed; nothing after it has run); N (default
+complete, the rename has not happened), `during` (its temp file is being written: at the temp
+file's fsync, before it is durable or renamed) or `after` (renamed; nothing after it has run); N (default
 1) picks the N-th time that name is made final (last.pt is replaced on every save). The process
 then sends itself a real SIGKILL: no `finally`, atexit or flush runs, exactly as after `kill -9`
 from outside, but at a point of the job that a test can choose and reproduce, instead of a race
@@ -19,6 +21,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -41,18 +44,38 @@ def main(argv: list[str]) -> None:
                     trace.write(name + "\n")
     elif mode == "--kill":
         target, when, *nth = arg.split(":")
-        assert when in ("before", "after"), when
-        seen = [0, int(nth[0]) if nth else 1]     # [times the name was made final, the one to kill at]
+        assert when in ("before", "during", "after"), when
+        seen = [0, int(nth[0]) if nth else 1]     # [times the name was written, the one to kill at]
+
+        def kill() -> None:
+            note = os.environ.get("KILLPOINT_NOTE")
+            if note:                              # which thread did the write: the main one, or a writer's
+                with open(note, "w") as f:
+                    f.write(threading.current_thread().name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
         def replace(src, dst, *args, **kwargs):
-            if name_in_out(dst) == target:
+            if name_in_out(dst) == target and when != "during":
                 seen[0] += 1
-            hit = name_in_out(dst) == target and seen[0] == seen[1]
+            hit = name_in_out(dst) == target and seen[0] == seen[1] and when != "during"
             if hit and when == "before":
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill()
             real_replace(src, dst, *args, **kwargs)
             if hit:
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill()
+
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if when == "during":
+                name = name_in_out(os.readlink(f"/proc/self/fd/{fd}")) if isinstance(fd, int) else None
+                if name is not None and name.startswith(target + ".tmp"):
+                    seen[0] += 1
+                    if seen[0] == seen[1]:
+                        kill()
+            return real_fsync(fd)
+
+        os.fsync = fsync
     else:
         raise SystemExit(f"killpoint: unknown mode {mode!r}")
 

@@ -131,6 +131,30 @@ def test_sigkill_between_the_checkpoint_renames_then_resume_matches(skip_run, tm
     assert not list(out.glob("last.pt.tmp*"))        # the killed writer's temp file was cleaned up
 
 
+def test_sigkill_during_a_background_checkpoint_write_then_resume_matches(skip_run, tmp_path):
+    """Checkpoints are written on a background thread while training goes on. The 3rd save (step 3)
+    is killed in the middle of its write, at the temp file's fsync, on that thread: last.pt is
+    still the whole step-2 checkpoint, and the resumed run ends bitwise equal to the uninterrupted one."""
+    data, run_dir, _ = skip_run
+    out, note = tmp_path / "run", tmp_path / "killed-in"
+    cli = str(REPO / "tools" / "cli.py")
+    flags = [*TRAIN[3:], "--data", str(data), "--out", str(out), "--max-steps", "3"]
+    killed = run([*KILLPOINT, str(out), "--kill", "last.pt:during:3", "--", cli, *flags], timeout=300,
+                 extra_env={"TMPDIR": str(tmp_path), "KILLPOINT_NOTE": str(note)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert note.read_text() == "checkpoint writer"          # the kill hit the background write
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["step"] == 2
+
+    resumed = run([*TRAIN, "--data", str(data), "--out", str(out), "--max-steps", "3", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'last.pt'}: epoch 1, step 2" in resumed.stdout
+    assert _step_losses(out) == _step_losses(run_dir)
+    final, reference = (torch.load(d / "last.pt", map_location="cpu", weights_only=False) for d in (out, run_dir))
+    assert final["step"] == reference["step"] == 3
+    for name, value in reference["model"].items():
+        assert torch.equal(value, final["model"][name]), name
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0_within_seconds(train_set, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([*TRAIN, "--data", str(train_set), "--out", str(out), "--epochs", "50"], env=env(),
