@@ -90,7 +90,8 @@ class TrainConfig:
                                   "(Caffe's lr_mult: 2)")
     schedule: str = _f("plateau", "lr schedule", choices=("plateau", "step", "cosine"))
     warmup_epochs: float = _f(0.0, "linear lr warm-up from 0, in epochs (step/cosine schedules)")
-    plateau_patience: int = _f(3, "plateau: epochs without val-error improvement before lr /= 10")
+    plateau_patience: int = _f(3, "plateau: evaluations (every --eval-every epochs) without val-error improvement "
+                                  "before lr /= 10; epochs when there is no val split")
     max_lr_drops: int = _f(3, "plateau: at most this many lr drops (the paper: 3)")
     step_epochs: int = _f(30, "step schedule: lr /= 10 every this many epochs")
     step_iters: int = _f(0, "step schedule: lr /= 10 every this many optimizer steps instead of --step-epochs "
@@ -108,7 +109,7 @@ class TrainConfig:
                         choices=("auto", "mean", "mean-std"))
     ten_crop: bool = _f(False, "validate on 10 crops per image (4 corners + centre and their flips, softmax "
                                "averaged: the paper's test) instead of the centre crop")
-    on_corrupt: str = _f("error", "a corrupt sample: stop with its name, or skip and count it", choices=("error", "skip"))
+    on_corrupt: str = _f("error", "a corrupt sample: stop with its name, or skip and count it", choices=ON_CORRUPT_MODES)
     verify_shards: bool = _f(False, "first hash every shard against the manifest (reads the set once) to catch "
                                     "images that changed but still decode; --on-corrupt applies to them")
     # --- devices and speed
@@ -122,7 +123,8 @@ class TrainConfig:
     # --- logging and checkpoints
     log_every: int = _f(50, "log (and sync the host) every this many steps")
     ckpt_every: int = _f(0, "also checkpoint every this many steps inside an epoch (0 = epoch ends only)")
-    eval_every: int = _f(1, "evaluate every this many epochs (and at the end)")
+    eval_every: int = _f(1, "evaluate every this many epochs (and always the final one); recipes keep evaluation "
+                            "<= 5% of the training FLOPs at ImageNet scale (paper, 10 crops: 3)")
     resume: bool = _f(False, "continue from OUT/last.pt (the previous good one if it is damaged)")
 
     # derived ------------------------------------------------------------------------------------
@@ -181,8 +183,25 @@ class Sourced:
 RECIPE_FIELDS: tuple[str, ...] = (
     "arch", "init", "normalize", "lighting_std", "batch_size", "lr", "scale_lr", "momentum", "weight_decay",
     "no_decay_bias_norm", "bias_lr_mult", "schedule", "warmup_epochs", "plateau_patience", "max_lr_drops",
-    "step_epochs", "step_iters", "epochs", "max_steps", "dropout", "label_smoothing", "ten_crop",
+    "step_epochs", "step_iters", "epochs", "max_steps", "dropout", "label_smoothing", "ten_crop", "eval_every",
 )
+
+# What evaluation costs at full-ImageNet scale, as a share of the training it interrupts: the 50,000
+# ILSVRC-2012 val images, each a forward pass per crop, against 1,281,167 train images per epoch,
+# each a training step of ~3 forward passes (forward + backward at twice its FLOPs). A recipe's
+# eval_every is the smallest that keeps this at or under EVAL_COST_BUDGET (issue 15): 1.3% per
+# epoch for a centre crop, 13.0% for ten crops, so ten-crop validation evaluates every 3rd epoch.
+IMAGENET_VAL_IMAGES = 50_000
+IMAGENET_TRAIN_IMAGES = 1_281_167
+FORWARD_SHARE_OF_STEP = 1 / 3
+EVAL_COST_BUDGET = 0.05
+
+
+def eval_cost_fraction(crops: int, eval_every: int) -> float:
+    """Evaluation FLOPs over training FLOPs of a full-ImageNet run that evaluates every
+    `eval_every` epochs on `crops` crops per val image (the always-evaluated final epoch aside)."""
+    return IMAGENET_VAL_IMAGES * crops * FORWARD_SHARE_OF_STEP / (IMAGENET_TRAIN_IMAGES * eval_every)
+
 
 _PAPER = "Krizhevsky, Sutskever, Hinton, NIPS 2012"
 _PAPER_SEC5 = f"{_PAPER}, sec. 5 (details of learning)"
@@ -209,7 +228,9 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
         "bias_lr_mult": Sourced(1.0, _PAPER_SEC5 + ": an equal learning rate for all layers"),
         "schedule": Sourced("plateau", _PAPER_SEC5 + ": divide by 10 when the validation error stopped improving"),
         "warmup_epochs": Sourced(0.0, _PAPER_SEC5 + ": no warm-up"),
-        "plateau_patience": Sourced(3, "not in the paper (it says \"stopped improving\"): this project's reading"),
+        "plateau_patience": Sourced(3, "not in the paper (it says \"stopped improving\"): this project's reading; "
+                                       "counted in evaluations (every 3rd epoch here: lr drops after 4 evaluations "
+                                       "= 12 epochs without improvement)"),
         "max_lr_drops": Sourced(3, _PAPER_SEC5 + ": reduced three times prior to termination"),
         "step_epochs": Sourced(30, _UNUSED + " (plateau)"),
         "step_iters": Sourced(0, _UNUSED + " (plateau)"),
@@ -218,6 +239,8 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
         "dropout": Sourced(0.5, f"{_PAPER}, sec. 4.2: dropout 0.5 in the first two FC layers"),
         "label_smoothing": Sourced(0.0, f"{_PAPER}: plain multinomial logistic regression (sec. 5)"),
         "ten_crop": Sourced(True, f"{_PAPER}, sec. 4.1: test on ten 224x224 patches, softmax averaged"),
+        "eval_every": Sourced(3, "not in the paper: 10 crops cost 13.0% of an epoch's training FLOPs per "
+                                 "evaluation; every 3rd epoch keeps it at 4.3% (every 2nd: 6.5%)"),
     },
     Recipe.BVLC: {
         "arch": Sourced("alexnet-bvlc", f"{_BVLC_NET}: paper's layers and order (norm before pool), group 2 "
@@ -245,6 +268,9 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
         "dropout": Sourced(0.5, f"{_BVLC_NET} l.300, 340: dropout_ratio 0.5"),
         "label_smoothing": Sourced(0.0, f"{_BVLC_NET}: SoftmaxWithLoss"),
         "ten_crop": Sourced(False, f"{_BVLC}/readme.md l.18: 57.1% \"using just the center crop\""),
+        "eval_every": Sourced(1, f"{_BVLC_SOLVER} l.2-3 and {_BVLC_NET} TEST batch_size 50: 1000 x 50 "
+                                 f"val images every 1000 iterations (0.2 epochs, 6.5% of the training FLOPs); this trainer evaluates at epoch ends: "
+                                 f"every epoch, centre crop, 1.3%"),
     },
     Recipe.TORCHVISION: {
         "arch": Sourced("alexnet-owt", "torchvision/models/alexnet.py (one weird trick, 61,100,840 parameters)"),
@@ -269,6 +295,7 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
         "dropout": Sourced(0.5, "torchvision/models/alexnet.py: dropout 0.5"),
         "label_smoothing": Sourced(0.0, f"{_TV_TRAIN}: --label-smoothing 0.0"),
         "ten_crop": Sourced(False, f"{_TV}/presets.py ClassificationPresetEval: resize 256, centre crop 224"),
+        "eval_every": Sourced(1, f"{_TV_TRAIN}: evaluate() after every epoch (centre crop: 1.3% of the training FLOPs)"),
     },
     # This project's: torchvision's network with He init at 8x the batch, lr scaled linearly with a
     # short warm-up (Goyal et al. 2017) so the large lr does not blow up the first steps, cosine
@@ -297,6 +324,7 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
         "dropout": Sourced(0.5, f"{_PAPER}, sec. 4.2"),
         "label_smoothing": Sourced(0.0, "this project: plain cross-entropy"),
         "ten_crop": Sourced(False, "this project: centre crop (a cheap per-epoch check)"),
+        "eval_every": Sourced(1, "this project: every epoch, centre crop: 1.3% of the training FLOPs"),
     },
 }
 
