@@ -28,6 +28,7 @@ Python); `.json` {"wnid", "source", "w", "h"}. Keys are decimal sample numbers (
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ class ShardSet:
 
     @classmethod
     def open(cls, root: str | Path) -> "ShardSet":
+        """The shard set at `root`. The manifest is parsed once per process and version of the file
+        (a training run opens the set in the command, the trainer and each loader: one read);
+        the dict it holds is shared between those ShardSets and must not be changed."""
         root = Path(root)
         if not root.is_dir():
             problem = "is not a directory" if root.exists() else "does not exist"
@@ -69,7 +73,8 @@ class ShardSet:
                 f"{str(root)!r} has no {MANIFEST_NAME}: not a shard set (write one with `alexnet-fast shards RAW {root}`)"
             )
         try:
-            manifest = json.loads(path.read_text())
+            stat = path.stat()
+            manifest = _read_manifest(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         except (OSError, ValueError) as e:
             raise ShardSetError(f"cannot read {path}: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:  # e.g. a JSON list
@@ -108,3 +113,10 @@ class ShardSet:
         if not path.is_file():
             raise ShardSetError(f"{str(self.root)!r} has no {STATS_NAME} (compute it with `alexnet-fast stats {self.root}`)")
         return json.loads(path.read_text())
+
+
+@functools.lru_cache(maxsize=16)
+def _read_manifest(path: str, inode: int, size: int, mtime_ns: int) -> dict:
+    """manifest.json parsed; cached by the file's identity and version (a rewritten manifest has
+    another inode, size or mtime, so it is read again)."""
+    return json.loads(Path(path).read_text())
