@@ -67,6 +67,10 @@ def test_json_shape_and_positive_numbers(profiled):
     assert model["peak_tflop_per_s"] is None and model["fraction_of_peak"] is None   # CPU: peak unknown
     assert model["tflop_per_s"] == pytest.approx(model["img_per_s"] * model["gflop_per_image"] / 1e3)
     assert model["step_ms"] == pytest.approx(4 / model["img_per_s"] * 1e3)
+    # host time per step: on the CPU the step computes before it returns, so it is about the
+    # whole step (the median call vs the median repetition's mean), and no host-bound batch is claimed
+    assert 0.5 * model["step_ms"] < model["host_ms_per_step"] < 2 * model["step_ms"]
+    assert model["host_bound_below_batch"] is None
 
 
 def test_end_to_end_is_bounded_by_its_parts(profiled):

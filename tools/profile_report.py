@@ -14,8 +14,11 @@ def _detail(name: str, r: dict) -> str:
         peak = (f"{r['fraction_of_peak']:.1%} of {r['peak_tflop_per_s']:g} peak" if r["fraction_of_peak"] is not None
                 else "peak unknown")
         compiled = f", compiled (warm-up {r['warmup_s']:.0f} s)" if r.get("compile") else ""
+        host = ""
+        if r.get("host_bound_below_batch") is not None:
+            host = f"; host {r['host_ms_per_step']:.2f} ms/step: host-bound below batch {r['host_bound_below_batch']:.0f}"
         return (f"{r['arch']} {r['precision']}{compiled} batch {r['batch_size']}: {r['step_ms']:.1f} ms/step, "
-                f"{r['tflop_per_s']:.3g} TFLOP/s ({peak})")
+                f"{r['tflop_per_s']:.3g} TFLOP/s ({peak}){host}")
     return f"{r['loader']} loader, batch {r['batch_size']}"
 
 

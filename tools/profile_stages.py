@@ -23,6 +23,9 @@ pays for it, and `warmup_s` reports what the warm-up took.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,13 +202,34 @@ def measure_model(cfg: ProfileConfig) -> StageResult:
               .to(cfg.torch_device, cfg.image_dtype).contiguous(memory_format=memory_format(cfg.channels_last)))
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=generator).to(cfg.torch_device)
 
+    issue_seconds: list[float] = []
+
     def step() -> int:
+        started = time.perf_counter()
         train_step(engine, images, labels)
+        issue_seconds.append(time.perf_counter() - started)
         return cfg.batch_size
 
     result = measure_training(step, cfg)
-    result.extra = _flops_extra(cfg, result.img_per_s, engine)
+    result.extra = {**_flops_extra(cfg, result.img_per_s, engine),
+                    **_host_overhead(cfg, issue_seconds[-cfg.repeats * cfg.steps:], cfg.batch_size / result.img_per_s * 1e3)}
     return result
+
+
+def _host_overhead(cfg: ProfileConfig, issue_seconds: list[float], step_ms: float) -> dict:
+    """What the host spends per step: the time `train_step` takes to return, timed steps only.
+
+    On a GPU the step only enqueues kernels and returns (no sync inside it), so this is the Python
+    and launch overhead the GPU must hide; while it stays below the device's step time the host
+    keeps ahead. Assuming the device time scales with the batch and the host time does not, the
+    per-GPU batch below which the host bounds the step is batch x host_ms / step_ms
+    (`host_bound_below_batch`): a small per-GPU batch (many GPUs, a fixed global batch) stops
+    scaling there. On the CPU the step computes before it returns, so host time is the whole
+    step and the figure says nothing (reported as null)."""
+    host_ms = statistics.median(issue_seconds) * 1e3 if issue_seconds else None
+    on_gpu = cfg.device == "cuda"
+    return {"host_ms_per_step": host_ms,
+            "host_bound_below_batch": (cfg.batch_size * host_ms / step_ms) if on_gpu and host_ms else None}
 
 
 def measure_end_to_end(cfg: ProfileConfig, shard_set) -> StageResult:
