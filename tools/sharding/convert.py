@@ -3,6 +3,12 @@
 Stored image: shorter side resized to `size` and the centre `size`x`size` square kept (the 2012
 paper's preprocessing), or the whole image at shorter side `size` with `keep_aspect`; always a
 baseline RGB JPEG. Anything that cannot be read or decoded raises RejectedImage with the reason.
+
+Very large photos: Pillow refuses to open an image over its decompression-bomb limit
+(2 x Image.MAX_IMAGE_PIXELS, ~179 megapixels; it warns above ~89). A JPEG that large is still kept:
+it is decoded with draft (DCT-scaled) decoding at 1/8 of its size, never below the stored size, so a
+192-megapixel photo costs 3 megapixels of memory. Other formats cannot decode at reduced scale and
+are rejected with their pixel count and the limit.
 """
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ import io
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from alexnet_fast.tools.sharding.errors import RejectedImage
 from alexnet_fast.tools.sharding.layout import RawItem
@@ -74,7 +81,9 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
     # Pillow raises many exception types on hostile bytes (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...): every one of them means "not a usable image".
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _open(data)
+    except RejectedImage:
+        raise
     except UnidentifiedImageError:
         raise RejectedImage("not an image: no image format recognised") from None
     except Exception as e:  # noqa: BLE001 - see above
@@ -88,6 +97,9 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
             # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding, never below the target:
             # most of the decode cost of a large JPEG disappears.
             im.draft("RGB", (tw, th))
+        if im.size[0] * im.size[1] > _pixel_limit():   # what a huge JPEG still decodes to
+            raise RejectedImage(f"too large to decode: {orig_w}x{orig_h} decodes to {im.size[0]}x{im.size[1]} "
+                                f"even at reduced scale, over Pillow's limit of {_pixel_limit()} pixels")
         im.load()
         if im.mode != "RGB":  # CMYK, L, P, RGBA, I;16 ...: all stored as RGB
             im = im.convert("RGB")
@@ -107,3 +119,29 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces only at load()
         raise RejectedImage(f"cannot decode: {_describe(e)}") from None
     return Converted(buf.getvalue(), out.size[0], out.size[1], orig_w, orig_h)
+
+
+def _pixel_limit() -> int:
+    """Pillow's decompression-bomb limit: the size Image.open refuses (it warns above half of it)."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2**63
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open, except that a JPEG over Pillow's decompression-bomb limit is opened anyway (its
+    header only: convert_image drafts it to a small scale before anything is decoded); any other
+    format over the limit is a RejectedImage naming its size and the limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            bomb = e
+    if data[:3] == b"\xff\xd8\xff":
+        # The plugin's own constructor reads the header without Image.open's bomb check.
+        return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    if isinstance(bomb, Image.DecompressionBombWarning):
+        return Image.open(io.BytesIO(data))    # under the hard limit: decoded in full, as Pillow allows
+    pixels = re.search(r"\((\d+) pixels\)", str(bomb))
+    size = f"{int(pixels.group(1))} pixels" if pixels else "its size"
+    raise RejectedImage(f"too large to decode: {size}, over Pillow's limit of {_pixel_limit()} pixels "
+                        "(only JPEGs can be decoded at reduced scale)")
