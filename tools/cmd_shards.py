@@ -23,7 +23,12 @@ from alexnet_fast.tools.sharding.errors import ShardingError
               help="train images sampled for stats.json [default: all]")
 @click.option("--overwrite", is_flag=True, help="replace a different shard set already in OUT")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, workers, stats_images, overwrite, no_progress):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="convert and write the shards as Ray tasks: on the cluster at ADDRESS (as ray.init takes it: "
+                   "host:port, auto, ray://host:port) or, with no ADDRESS, a local Ray instance; RAW and OUT must "
+                   "be paths every node sees. Same bytes as a local run. Needs pip install 'alexnet-fast[ray]'")
+def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, workers, stats_images, overwrite, no_progress,
+                   ray_address):
     """Convert raw ImageNet in RAW to WebDataset shards in OUT (resumable: rerun after a kill).
 
     RAW may hold train/<wnid>/ folders or ILSVRC2012_img_train.tar, and val/<wnid>/ folders, a flat
@@ -31,9 +36,10 @@ def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, worker
     """
     opts = ShardOptions(per_shard, size, keep_aspect, quality, seed, stats_images)
     log = lambda msg: click.echo(f"make_shards: {msg}", err=True)  # noqa: E731
+    executor = None if ray_address is None else _ray_executor(ray_address or None, log)
     try:
         report = make_shards(raw, out, opts, workers=workers or default_workers(), overwrite=overwrite,
-                             progress=not no_progress, log=log)
+                             progress=not no_progress, log=log, executor=executor)
     except ShardingError as e:
         raise UserError(str(e)) from None
     except OSError as e:  # writing OUT failed (disk full, quota): finished shards stay valid for a rerun
@@ -41,6 +47,16 @@ def shards_command(raw, out, per_shard, size, keep_aspect, quality, seed, worker
         raise click.ClickException(f"cannot write {where}: {e.strerror or e}; finished shards are kept, "
                                    "rerun the same command once there is space") from None
     click.echo(f"make_shards: {report.summary()}")
+
+
+def _ray_executor(address: str | None, log):
+    """The Ray executor; Ray itself is imported only here, when --ray asks for it."""
+    try:
+        from alexnet_fast.tools.sharding.ray_executor import RayExecutor
+    except ImportError as e:
+        raise UserError(f"--ray needs Ray, which cannot be imported here ({e.name or e}): "
+                        "pip install 'alexnet-fast[ray]'") from None
+    return RayExecutor(address, log)
 
 
 @click.command("verify")

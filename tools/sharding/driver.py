@@ -1,42 +1,39 @@
-"""make_shards end to end: discover RAW, order the inputs, convert in parallel, write shards in order,
-resume after a kill, statistics, manifest last.
+"""make_shards end to end: discover RAW, order the inputs, plan the shards, have an executor convert
+and write them, resume after a kill, statistics, manifest last.
 
 Determinism: the train list is sorted by (wnid, source) and permuted with `seed`; val keeps file
-order. Workers only convert images; results come back in input order (`Pool.imap`) and the main
-process cuts them into shards of exactly `per_shard` accepted samples, so the bytes do not depend
-on the worker count, and finished shards always form a prefix (what resume relies on).
+order. The shard plan (plan.py) cuts the ordered conversion outcomes into shards of exactly
+`per_shard` accepted samples, so the bytes depend neither on the worker count nor on the executor
+(local_executor.py: a process pool here; ray_executor.py: Ray tasks), and finished shards are
+recorded in order, so they always form a prefix (what resume relies on).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import os
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
-from alexnet_fast.pipeline.procpool import fork_pool
 from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
 from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 from alexnet_fast.tools.sharding import resume
-from alexnet_fast.tools.sharding.convert import ImageOptions, convert_image, read_item
-from alexnet_fast.tools.sharding.errors import RejectedImage, ShardingError
-from alexnet_fast.tools.sharding.files import atomic_write_bytes
-from alexnet_fast.tools.sharding.layout import Discovery, RawItem, Rejection, discover
+from alexnet_fast.tools.sharding.convert import ImageOptions
+from alexnet_fast.tools.sharding.errors import ShardingError
+from alexnet_fast.tools.sharding.layout import Discovery, RawItem, discover
+from alexnet_fast.tools.sharding.local_executor import LocalExecutor
 from alexnet_fast.tools.sharding.manifest import (
-    ShardRecord,
     build_manifest,
     job_fingerprint,
     read_manifest,
     write_manifest,
 )
-from alexnet_fast.tools.sharding.tarwriter import Sample, build_shard
+from alexnet_fast.tools.sharding.plan import Executor, ShardPlan
 
 SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.(tar|idx)$")
 
@@ -99,71 +96,6 @@ def _ordered_items(discovery: Discovery, seed: int) -> dict[str, list[RawItem]]:
     return {"train": [train[i] for i in order], "val": sorted(discovery.val, key=lambda it: it.source)}
 
 
-def _convert(item: RawItem, opts: ImageOptions):
-    """Worker task: a Converted image, or the rejection reason as a str."""
-    try:
-        return convert_image(read_item(item), opts)
-    except RejectedImage as e:
-        return str(e)
-
-
-@contextlib.contextmanager
-def _converter(opts: ImageOptions, workers: int):
-    """A function mapping items to conversion results in input order, over `workers` processes."""
-    task = functools.partial(_convert, opts=opts)
-    if workers <= 1:
-        yield lambda items: map(task, items)
-        return
-    # fork, before any progress-bar thread exists: workers need only PIL and the items, and
-    # spawn would re-import `tools/make_shards` as __main__.
-    with fork_pool(workers) as pool:
-        yield lambda items: pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
-
-
-class _SplitWriter:
-    """Cuts one split's ordered result stream into shards of `per_shard` accepted samples."""
-
-    def __init__(self, out: Path, split: str, per_shard: int, fingerprint: str, classes: dict[str, int],
-                 finished: list[resume.FinishedShard]):
-        self.out, self.split, self.per_shard, self.fingerprint = out, split, per_shard, fingerprint
-        self.label_of = classes
-        self.finished = list(finished)
-        self.pending: list[Sample] = []
-        self.pending_rejected: list[Rejection] = []
-        self.first_item = finished[-1].end_item if finished else 0
-        self.next_key = sum(s.record.samples for s in finished)
-
-    def add(self, index: int, item: RawItem, result) -> None:
-        if isinstance(result, str):
-            self.pending_rejected.append(Rejection(item.source, self.split, result))
-        else:
-            self.pending.append(Sample(self.next_key, self.label_of[item.wnid], item.wnid, item.source, result.jpeg,
-                                       result.w, result.h, result.orig_w, result.orig_h))
-            self.next_key += 1
-        if len(self.pending) == self.per_shard:
-            self.flush(index + 1)
-
-    def flush(self, end_item: int) -> None:
-        if not self.pending:
-            return  # trailing rejections without samples: reported by finish(), not a shard
-        name = resume.shard_name(self.split, len(self.finished))
-        shard = build_shard(self.pending)
-        atomic_write_bytes(self.out / f"{name}.idx", shard.index)
-        atomic_write_bytes(self.out / f"{name}.tar", shard.tar)
-        record = ShardRecord(f"{name}.tar", f"{name}.idx", shard.samples, len(shard.tar), shard.sha256,
-                             hashlib.sha256(shard.index).hexdigest())
-        done = resume.FinishedShard(record, self.first_item, end_item, tuple(self.pending_rejected))
-        resume.save_sidecar(self.out, self.fingerprint, done)  # after the files: a sidecar means complete
-        self.finished.append(done)
-        self.pending, self.pending_rejected, self.first_item = [], [], end_item
-
-    def records(self) -> list[ShardRecord]:
-        return [s.record for s in self.finished]
-
-    def rejected(self) -> list[Rejection]:
-        return [r for s in self.finished for r in s.rejected] + self.pending_rejected
-
-
 def _holding_out(out: Path, log: Callable[[str], None]) -> contextlib.AbstractContextManager:
     """OUT belongs to one make_shards at a time (tools/run_lock.py): held until the run ends; a
     second one on the same OUT is refused (ShardingError) before it changes anything there."""
@@ -196,6 +128,29 @@ def _remove_shard_files(out: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+@contextlib.contextmanager
+def _progress_bar(total: int, show: bool):
+    """advance(n): n more images converted; a tqdm bar (img/s, ETA) on stderr when `show`. The bar
+    (and tqdm's monitor thread) starts at the first advance, after the local executor has forked
+    its pool: a fork with other threads running can copy a held lock into the child."""
+    bar = None
+
+    def advance(n: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", desc="make_shards", dynamic_ncols=True, mininterval=0.5,
+                       smoothing=0.1)
+        bar.update(n)
+
+    try:
+        yield advance if show else (lambda n: None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _compute_stats(out: Path, train_tars: list[Path], opts: ShardOptions, workers: int, progress: bool, log) -> None:
     """stats.json from the finished train shards (Numba; alexnet_fast.pipeline.stats)."""
     try:
@@ -217,10 +172,14 @@ def make_shards(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    executor: Executor | None = None,
 ) -> RunReport:
+    """`workers`: processes on this machine (the conversion, unless `executor` is given, and the
+    statistics). `executor`: who converts and writes the shards; default a LocalExecutor(workers)."""
     started = time.perf_counter()
     raw, out = Path(raw), Path(out)
     workers = workers or default_workers()
+    executor = executor or LocalExecutor(workers)
     discovery = discover(raw)
     with _holding_out(out, log):  # before any log line: a bad or busy OUT is a one-line error
         _check_out(out)
@@ -250,36 +209,22 @@ def make_shards(
 
         ordered = _ordered_items(discovery, opts.seed)
         classes = {wnid: i for i, wnid in enumerate(discovery.classes)}
-        writers = {
-            split: _SplitWriter(out, split, opts.per_shard, fingerprint, classes,
-                                resume.reusable_prefix(out, split, fingerprint))
-            for split in SPLITS
-        }
-        reused = sum(len(w.finished) for w in writers.values())
-        if reused:
-            log(f"resuming: reusing {reused} finished shard(s)")
-        tasks = [(split, i, item) for split in SPLITS for i, item in enumerate(ordered[split]) if i >= writers[split].first_item]
+        plan = ShardPlan(out, opts.image, opts.per_shard, fingerprint, classes, ordered,
+                         {split: resume.reusable_prefix(out, split, fingerprint) for split in SPLITS})
+        if plan.reused:
+            log(f"resuming: reusing {plan.reused} finished shard(s)")
+        with _progress_bar(len(plan.todo), progress) as advance:
+            executor.write_shards(plan, advance)
+        resume.remove_temporaries(out)  # temp files of writers killed mid-write (a retried Ray task's)
 
-        with _converter(opts.image, workers if len(tasks) > 1 else 1) as convert_all:
-            results: Iterable = convert_all([item for _, _, item in tasks])
-            if progress:
-                from tqdm import tqdm
-
-                results = tqdm(results, total=len(tasks), unit="img", desc="make_shards", dynamic_ncols=True,
-                               mininterval=0.5, smoothing=0.1)
-            for (split, i, item), result in zip(tasks, results):
-                writers[split].add(i, item, result)
-        for split in SPLITS:
-            writers[split].flush(len(ordered[split]))
-
-        keep = {name for w in writers.values() for r in w.records() for name in (r.tar, r.index)}
+        keep = {name for split in SPLITS for r in plan.records(split) for name in (r.tar, r.index)}
         _remove_shard_files(out, keep)  # shards of an earlier, longer attempt of this job
-        train_tars = [out / r.tar for r in writers["train"].records()]
+        train_tars = [out / r.tar for r in plan.records("train")]
         if train_tars:
             _compute_stats(out, train_tars, opts, workers, progress, log)
 
-        rejected = discovery.rejected + [r for w in writers.values() for r in w.rejected()]
-        manifest = build_manifest(discovery, args, fingerprint, {s: w.records() for s, w in writers.items()}, rejected)
+        rejected = discovery.rejected + plan.rejected()
+        manifest = build_manifest(discovery, args, fingerprint, {s: plan.records(s) for s in SPLITS}, rejected)
         write_manifest(out, manifest)  # last: its presence means the set is complete
         resume.clear_state(out)
         return RunReport(
@@ -287,9 +232,9 @@ def make_shards(
             layout=discovery.describe(),
             samples={s: manifest["splits"][s]["samples"] for s in SPLITS},
             shards={s: len(manifest["splits"][s]["shards"]) for s in SPLITS},
-            reused_shards=reused,
+            reused_shards=plan.reused,
             rejected=len(rejected),
             seconds=time.perf_counter() - started,
-            converted=len(tasks),
+            converted=len(plan.todo),
             notes=discovery.notes,
         )

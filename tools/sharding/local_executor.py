@@ -1,0 +1,47 @@
+"""The executor on this machine: a fork pool converts the images, the main process writes the shards.
+
+Results come back in input order (`Pool.imap`), so the plan cuts them as they arrive and each shard
+is written, then recorded, before the next one: finished shards always form a prefix.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+from alexnet_fast.pipeline.procpool import fork_pool
+from alexnet_fast.tools.sharding.convert import ImageOptions
+from alexnet_fast.tools.sharding.layout import RawItem
+from alexnet_fast.tools.sharding.plan import Outcome, ShardPlan, convert_item, write_shard
+
+
+@contextlib.contextmanager
+def _converter(opts: ImageOptions, workers: int):
+    """A function mapping items to conversion results in input order, over `workers` processes."""
+    task = functools.partial(convert_item, opts=opts)
+    if workers <= 1:
+        yield lambda items: map(task, items)
+        return
+    # fork, before any progress-bar thread exists: workers need only PIL and the items, and
+    # spawn would re-import `tools/make_shards` as __main__.
+    with fork_pool(workers) as pool:
+        yield lambda items: pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
+
+
+class LocalExecutor:
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def describe(self) -> str:
+        return f"{self.workers} local process(es)"
+
+    def write_shards(self, plan: ShardPlan, advance: Callable[[int], None]) -> None:
+        items: list[RawItem] = [task.item for task in plan.todo]
+        with _converter(plan.image, self.workers if len(items) > 1 else 1) as convert_all:
+            def outcomes() -> Iterator[Outcome]:
+                for task, result in zip(plan.todo, convert_all(items)):
+                    advance(1)
+                    yield Outcome(task, result if isinstance(result, str) else None, result)
+
+            for shard in plan.cut(outcomes()):
+                plan.finish(shard, write_shard(plan.out, shard.name, shard.samples(lambda converted: converted)))
