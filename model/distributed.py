@@ -78,8 +78,30 @@ def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str
             # rank (evaluate shares the first failure) names the rank it happened on.
             exit_failed(f"rank {getattr(e, 'origin_rank', ctx.rank)}: {e}")
         raise
+    except Exception as e:
+        if ctx.is_distributed and lost_contact(e):
+            # Another rank died (SIGKILL, out of memory, its node went away): the collective this
+            # rank waited in failed. Under a multi-node torchrun this rank's node knows nothing
+            # else about it, so say so in one line rather than a traceback of the DDP hook.
+            exit_failed(f"rank {ctx.rank}: lost contact with another rank ({transport_reason(e)}): a process of "
+                        "this run died or its node went away; that node's log says why")
+        raise
     finally:
         teardown()
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Did a collective fail because a peer is gone? torch's DistError family (NCCL, the store) or
+    gloo's transport error, which reaches Python as a plain RuntimeError naming gloo/transport."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo/transport" in str(error))
+
+
+def transport_reason(error: BaseException) -> str:
+    """The first sentence of a transport error, without gloo's "[file.cc:line] " prefix."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
 def leave_after_stop() -> None:
