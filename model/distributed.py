@@ -66,7 +66,13 @@ def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str
     """One rank: join the process group, run the worker, leave the group."""
     from alexnet_fast.model.errors import user_errors
 
-    ctx = setup(device)
+    try:
+        ctx = setup(device)
+    except Exception as e:
+        if lost_contact(e):     # e.g. rank 0 refused the run (RUN in use) and its node's store went away
+            exit_failed(f"rank {os.environ.get('RANK', 0)}: could not join the other ranks ({transport_reason(e)}): "
+                        "a process of this run ended before joining; its node's log says why")
+        raise
     try:
         return worker(cfg, ctx)
     except user_errors() as e:

@@ -289,3 +289,27 @@ def test_a_killed_rank_ends_the_run_on_both_nodes_in_one_line(shard_set, tmp_pat
     assert ours[0].startswith("alexnet-fast: error: rank 0: lost contact with another rank (")
     # no traceback from the worker (torchrun prefixes the worker's own with [rankN]:)
     assert not any(line.startswith("[rank") for n in nodes for line in n.err().splitlines())
+
+
+def test_the_predicted_scaling_over_nodes_in_the_docs_is_what_the_tool_prints():
+    """docs/multinode.md's table: each row as `alexnet-fast profile --scaling` prints it today."""
+    import re
+
+    from click.testing import CliRunner
+
+    from alexnet_fast.tools.cli import main
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "multinode.md").read_text()
+    for gbps in (100, 200, 400):
+        result = CliRunner().invoke(main, ["profile", "--scaling", "--assume-img-per-s", "40000", "--batch-size", "256",
+                                           "--link-gbps", str(gbps), "--scaling-gpus", "16,32,64"])
+        assert result.exit_code == 0, result.output
+        rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+(16|32|64)\s", line)]
+        assert len(rows) == 3, result.stdout
+        for row in rows:
+            gpus = int(row[0])
+            cells = re.findall(r"([\d,]+) \(\s*(\d+)%", " ".join(row[1:]))
+            assert len(cells) == 4, row
+            expected = (f"| {gpus // 8} ({gpus} GPUs) | {gbps} Gbit/s | "
+                        + " | ".join(f"{value} ({pct}%)" for value, pct in cells) + " |")
+            assert expected in doc, expected

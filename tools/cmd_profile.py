@@ -36,6 +36,18 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(f"{value!r}: choose from {', '.join(s.value for s in Stage)}") from None
 
 
+def _parse_gpu_counts(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r}: give GPU counts >= 1, comma-separated (e.g. 8,16,32,64)")
+    return counts
+
+
 @click.command("profile", context_settings=CONTEXT)
 @config_options(ProfileConfig, exclude=("stages", "num_classes"), default_note=_default_note)
 @click.option("--stages", callback=_parse_stages, default=None,
@@ -55,8 +67,11 @@ def _parse_stages(ctx: click.Context, param: click.Parameter, value: str | None)
               help="scaling what-if: take this per-GPU model img/s at --batch-size instead of measuring it")
 @click.option("--scaling-batch-factor", type=click.IntRange(min=2), default=4, show_default=True,
               help="scaling: the 'larger per-GPU batch' rows use this multiple of --batch-size")
+@click.option("--scaling-gpus", callback=_parse_gpu_counts, default=None,
+              help="scaling: comma-separated GPU counts to predict, e.g. 8,16,32,64 for 1-8 nodes of 8 GPUs "
+                   "[default: 1,2,8,64,512]")
 def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s,
-                    scaling_batch_factor, **values):
+                    scaling_batch_factor, scaling_gpus, **values):
     """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
     one bounds the run: warm-up, timed repetitions, median.
 
@@ -97,7 +112,8 @@ def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, h
     if scaling:
         inputs, source = _scaling_inputs(report, cfg, assume_img_per_s, link_gbps, hop_latency_us,
                                          sc.DEFAULT_OVERLAP if overlap is None else overlap)
-        report["scaling"] = sc.scaling_report(inputs, sc.default_strategies(scaling_batch_factor), source=source)
+        report["scaling"] = sc.scaling_report(inputs, sc.default_strategies(scaling_batch_factor),
+                                              scaling_gpus or sc.DEFAULT_GPU_COUNTS, source=source)
         click.echo(sc.format_scaling(report["scaling"]))
 
     if json_path is not None:
