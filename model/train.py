@@ -124,7 +124,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             with boundary.part("eval"):
                 val = (evaluate_val(model, val_loader, ctx, precision, cfg.channels_last)
                        if finished or state.epoch % cfg.eval_every == 0 else None)
-            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log, stall_before)
+            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log, stall_before,
+                      val_split=val_loader is not None)
             if val is not None:
                 result["val"] = val.as_dict()
             is_best = val is not None and val.top1 > state.best_top1
@@ -266,9 +267,10 @@ def evaluate_val(model: torch.nn.Module, val_loader, ctx: D.DistContext, precisi
 
 def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: EvalResult | None, engine: Engine,
               train_loader, state: TrainState, objects: ckpt.RunObjects, log: RunLog,
-              stall_before: dict[str, float]) -> None:
+              stall_before: dict[str, float], val_split: bool) -> None:
     """The epoch's record (metrics.jsonl and one line), and the plateau schedule's step.
-    `stall_before`: the boundary before the epoch's first step (model/boundary.py)."""
+    `stall_before`: the boundary before the epoch's first step (model/boundary.py); `val_split`:
+    whether the run has a val split (evaluated every --eval-every epochs)."""
     record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
               "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9), **stall_before}
     skipped = getattr(train_loader, "num_skipped", 0)
@@ -282,8 +284,13 @@ def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: Ev
              + (f"  ({skipped} sample(s) skipped so far on rank {ctx.rank})" if skipped else "")
              + (f"  val top-1 {val.top1:.2%} top-5 {val.top5:.2%} ({val.images} images)" if val else ""))
     if objects.plateau is not None and epoch_result.outcome is Outcome.COMPLETED:
-        # the paper watched the validation error; without a val split, the training loss
-        objects.plateau.step(1.0 - val.top1 if val is not None else epoch_result.mean_loss)
+        # The paper watched the validation error: step on the epochs that measured it (patience then
+        # counts evaluations), never on the training loss in between (another scale: a loss of ~2
+        # after a val error of 0.4 would read as a plateau). Without a val split, the training loss.
+        if val is not None:
+            objects.plateau.step(1.0 - val.top1)
+        elif not val_split:
+            objects.plateau.step(epoch_result.mean_loss)
 
 
 class Checkpointer:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from alexnet_fast.model.alexnet import build_model
-from alexnet_fast.model.config import (DEFAULT_RECIPE, PUBLISHED, RECIPE_FIELDS, RECIPES, ConfigError, Recipe,
-                                       resolve_config)
+from alexnet_fast.model.config import (DEFAULT_RECIPE, EVAL_COST_BUDGET, PUBLISHED, RECIPE_FIELDS, RECIPES,
+                                       ConfigError, Recipe, eval_cost_fraction, resolve_config)
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
 from alexnet_fast.tools.cli import main, run_command
 
@@ -38,6 +38,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "dropout": 0.5,                 # sec. 4.2
         "label_smoothing": 0.0,
         "ten_crop": True,               # sec. 4.1: ten patches at test time
+        "eval_every": 3,                # not in the paper: 10 crops cost 13.0% of an epoch; every 3rd: 4.3% <= 5%
     },
     # BVLC/caffe models/bvlc_alexnet: readme.md, solver.prototxt, train_val.prototxt
     "bvlc": {
@@ -59,6 +60,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "dropout": 0.5,                 # train_val.prototxt l.300, 340
         "label_smoothing": 0.0,
         "ten_crop": False,              # readme.md l.18: centre crop only
+        "eval_every": 1,                # solver.prototxt l.2-3 tests every 0.2 epochs; epoch ends here (1.3%)
     },
     # pytorch/vision references/classification (README "AlexNet and VGG", train.py defaults, presets.py)
     "torchvision": {
@@ -82,6 +84,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "dropout": 0.5,                 # alexnet.py
         "label_smoothing": 0.0,         # train.py --label-smoothing 0.0
         "ten_crop": False,              # presets.py: resize 256, centre crop 224
+        "eval_every": 1,                # train.py: evaluate() after every epoch (centre crop: 1.3%)
     },
     # this project's (no external source): He init, 8x batch, linear lr scaling, warm-up, cosine
     "fast": {
@@ -89,6 +92,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "batch_size": 1024, "lr": 0.01, "scale_lr": True, "momentum": 0.9, "weight_decay": 0.0005,
         "no_decay_bias_norm": True, "bias_lr_mult": 1.0, "schedule": "cosine", "warmup_epochs": 2.0,
         "epochs": 40, "max_steps": 0, "dropout": 0.5, "label_smoothing": 0.0, "ten_crop": False,
+        "eval_every": 1,                # centre crop every epoch: 1.3% of the training FLOPs
     },
 }
 
@@ -111,6 +115,24 @@ def test_published_accuracy_and_crops():
     tv = PUBLISHED[Recipe.TORCHVISION]
     assert (tv.top1, tv.top5, tv.crops) == (0.56522, 0.79066, 1)
     assert PUBLISHED[Recipe.FAST].top1 is None         # nothing measured yet: no number invented
+
+
+def test_eval_cost_arithmetic_at_imagenet_scale():
+    """50,000 val images x crops forward passes (1/3 of a training step each) against 1,281,167
+    training steps' worth of images per epoch, divided by eval_every."""
+    assert eval_cost_fraction(1, 1) == pytest.approx(50_000 / 3 / 1_281_167)       # 1.30%
+    assert eval_cost_fraction(10, 1) == pytest.approx(0.1301, abs=1e-4)
+    assert eval_cost_fraction(10, 2) == pytest.approx(0.0650, abs=1e-4)             # over the 5% budget
+    assert eval_cost_fraction(10, 3) == pytest.approx(0.0434, abs=1e-4)
+
+
+@pytest.mark.parametrize("recipe", [r.value for r in Recipe])
+def test_recipe_evaluates_as_often_as_the_eval_budget_allows(recipe):
+    """Each recipe's eval_every is the smallest that keeps validation <= 5% of the training FLOPs."""
+    cfg = resolve_config(recipe)
+    crops = 10 if cfg.ten_crop else 1
+    assert eval_cost_fraction(crops, cfg.eval_every) <= EVAL_COST_BUDGET
+    assert cfg.eval_every == 1 or eval_cost_fraction(crops, cfg.eval_every - 1) > EVAL_COST_BUDGET
 
 
 def test_input_scaling_follows_the_init():
@@ -217,3 +239,23 @@ def test_recipe_trains_end_to_end_on_the_cpu(recipe, shard_set, tmp_path, capsys
                            else 1)
     if recipe == "bvlc":
         assert groups[1]["lr"] == pytest.approx(2 * groups[0]["lr"])
+
+
+def test_plateau_steps_on_evaluated_epochs_only_and_the_final_epoch_is_evaluated(shard_set, tmp_path, capsys):
+    """The paper's recipe evaluates every few epochs: its plateau schedule must compare val errors
+    with val errors, not with the training loss of the epochs in between (a loss of ~1.4 after a val
+    error below 1 would read as no improvement and cut the lr). Patience 0: one non-improving step
+    cuts it. The flat paper init keeps the loss at log(4) = 1.39 here, above any val error."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        run_command(main, "alexnet-fast", ["train", "--recipe", "paper", "--data", str(shard_set), "--out", str(out),
+                                           "--device", "cpu", "--batch-size", "16", "--epochs", "5",
+                                           "--eval-every", "2", "--plateau-patience", "0", "--no-ten-crop",
+                                           "--workers", "1", "--log-every", "1000"])
+    assert done.value.code == 0, capsys.readouterr().err
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
+    assert ["val_top1" in r for r in epochs] == [False, True, False, True, True]     # every 2nd, and the last
+    assert all(r["loss"] > 1.0 for r in epochs)
+    # the lr each epoch trained at: no cut before epoch 4 (its only earlier plateau step was epoch 2's val error)
+    assert [r["lr"] for r in epochs[:4]] == pytest.approx([0.01] * 4)
