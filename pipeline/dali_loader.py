@@ -117,6 +117,7 @@ class DaliLoader:
         s = self.spec
         return {"split": s.split, "batch_size": s.batch_size, "rank": s.rank, "world_size": s.world_size,
                 "seed": s.seed, "crop": s.crop, "lighting_std": s.lighting_std, "shuffle_buffer": s.shuffle_buffer,
+                "decode_roi": s.decode_roi,     # another graph: its checkpoint would not fit
                 "shards": [s.tar.name for s in self.shard_set.shards(s.split)]}
 
     def __iter__(self):
@@ -185,7 +186,8 @@ class DaliLoader:
                     prefetch_queue_depth=self.spec.prefetch)
 
     def _build(self, plan: EpochPlan, checkpoint: str | None = None):
-        decoder = dp.DecodeConfig(on_gpu=self.spec.device == "cuda")
+        decoder = dp.DecodeConfig(on_gpu=self.spec.device == "cuda", roi=self.spec.decode_roi,
+                                  fast_idct=self.spec.fast_idct)
         out = dp.OutputConfig(crop=self.spec.crop, fp16=self.spec.dtype != torch.float32,
                               channels_last=self.spec.channels_last)
         reader = self._reader_config(plan)

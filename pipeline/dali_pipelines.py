@@ -49,6 +49,13 @@ class DecodeConfig:
     # is 196,608 bytes decoded, and a batch's host staging of encoded JPEGs stays far below 16 MiB.
     device_memory_padding: int = 16 * 1024 * 1024
     host_memory_padding: int = 8 * 1024 * 1024
+    # Decode only the crop window (fn.decoders.image_crop) where one window is cut per image (train,
+    # val centre crop); the ten-crop views cover the whole image and decode it all. The pixels are
+    # the full decode's exactly (tests/test_pipeline.py); see LoaderSpec.roi_decode for the default.
+    roi: bool = False
+    # libjpeg-turbo's fast integer IDCT (CPU decoder only): pixels within a few levels of the exact
+    # decode (bound in tests/test_pipeline.py), off by default (LoaderSpec.fast_idct).
+    fast_idct: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,13 +88,21 @@ def read_shards(reader: ReaderConfig):
     return jpg, label
 
 
-def decode(jpg, decoder: DecodeConfig):
+def decode(jpg, decoder: DecodeConfig, window: tuple | None = None):
+    """RGB pixels of each image; with `window` = (crop, crop_x, crop_y) and `decoder.roi`, only that
+    crop window (same placement and rounding as crop_mirror_normalize's crop)."""
+    args = dict(output_type=types.RGB, use_fast_idct=decoder.fast_idct)
     if decoder.on_gpu:
-        return fn.decoders.image(
-            jpg, device="mixed", output_type=types.RGB, hw_decoder_load=decoder.hw_decoder_load,
-            device_memory_padding=decoder.device_memory_padding, host_memory_padding=decoder.host_memory_padding,
-            preallocate_width_hint=256, preallocate_height_hint=256)
-    return fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        args.update(device="mixed", hw_decoder_load=decoder.hw_decoder_load,
+                    device_memory_padding=decoder.device_memory_padding,
+                    host_memory_padding=decoder.host_memory_padding,
+                    preallocate_width_hint=256, preallocate_height_hint=256)
+    else:
+        args.update(device="cpu")
+    if decoder.roi and window is not None:
+        crop, crop_x, crop_y = window
+        return fn.decoders.image_crop(jpg, crop=(crop, crop), crop_pos_x=crop_x, crop_pos_y=crop_y, **args)
+    return fn.decoders.image(jpg, **args)
 
 
 def _labels(label, decoder: DecodeConfig):
@@ -95,10 +110,11 @@ def _labels(label, decoder: DecodeConfig):
     return label.gpu() if decoder.on_gpu else label
 
 
-def _normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror):
-    return fn.crop_mirror_normalize(
-        images, crop=(out.crop, out.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
-        mean=mean, std=std, dtype=out.dtype, output_layout=out.layout)
+def _normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror, cropped: bool = False):
+    """Crop (unless the decoder already cut the window: `cropped`), mirror, normalize, layout, dtype."""
+    crop = {} if cropped else dict(crop=(out.crop, out.crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, std=std, dtype=out.dtype,
+                                    output_layout=out.layout, **crop)
 
 
 @pipeline_def
@@ -106,10 +122,10 @@ def train_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfi
                    lighting_std: float = 0.1, with_params: bool = False):
     """Random crop + mirror + PCA lighting + normalize; with_params also returns what was drawn."""
     jpg, label = read_shards(reader)
-    images = decode(jpg, decoder)
     crop_x = fn.random.uniform(range=[0.0, 1.0])
     crop_y = fn.random.uniform(range=[0.0, 1.0])
     mirror = fn.random.coin_flip(probability=0.5)
+    images = decode(jpg, decoder, (out.crop, crop_x, crop_y))
     mean = types.Constant(np.float32(stats.mean_255))
     if lighting_std > 0:
         alpha = fn.random.normal(shape=[3], stddev=lighting_std)
@@ -118,7 +134,7 @@ def train_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfi
             mean = mean - alpha[j] * types.Constant(np.float32(255.0 * stats.eigval[j] * stats.eigvec[:, j]))
     else:
         alpha = types.Constant(np.zeros(3, np.float32))
-    normalized = _normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror)
+    normalized = _normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=decoder.roi)
     outputs = (normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info"))
     if with_params:
         outputs += (crop_x, crop_y, mirror, alpha)
@@ -130,13 +146,14 @@ def val_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfig,
                  ten_crop: bool = False):
     """Centre crop, or the ten views stacked per sample ([10, ...])."""
     jpg, label = read_shards(reader)
-    images = decode(jpg, decoder)
     mean, std = list(stats.mean_255), list(stats.std_255)
-    if ten_crop:
+    if ten_crop:                    # the ten views cover the whole image: decode it all
+        images = decode(jpg, decoder)
         views = [_normalize(images, out, mean, std, x, y, int(m)) for (x, y, m) in TEN_CROP_VIEWS]
         normalized = fn.stack(*views, axis=0)
     else:
-        normalized = _normalize(images, out, mean, std, 0.5, 0.5, 0)
+        images = decode(jpg, decoder, (out.crop, 0.5, 0.5))
+        normalized = _normalize(images, out, mean, std, 0.5, 0.5, 0, cropped=decoder.roi)
     return normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info")
 
 

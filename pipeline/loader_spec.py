@@ -55,6 +55,27 @@ class LoaderSpec:
     # of ~37 ms per batch on 2 cores). The GPU path always copies device to device; the baseline
     # loader ignores it.
     borrow_buffers: bool = False
+    # DALI: decode only the crop window (train's random crop, val's centre crop; ten-crop decodes the
+    # whole image) -- the same pixels as the full decode. None: the device's default, ROI_DECODE_DEFAULT.
+    roi_decode: bool | None = None
+    # DALI, CPU decoder: libjpeg-turbo's fast integer IDCT; pixels within FAST_IDCT_MAX_LEVELS of the
+    # exact decode (tests/test_pipeline.py), so off unless asked for. No effect on the GPU decoder.
+    fast_idct: bool = False
+
+    @property
+    def decode_roi(self) -> bool:
+        """Whether the DALI loader decodes only the crop window (roi_decode, or the device's default)."""
+        return ROI_DECODE_DEFAULT[self.device] if self.roi_decode is None else self.roi_decode
+
+
+# ROI decoding per device when LoaderSpec.roi_decode is None. CPU: measured faster (benchmarks/
+# RESULTS.md, issue 17), identical pixels. CUDA: off until measured -- whether the A100/H100
+# hardware JPEG decoder takes ROI requests or falls back to the slower CUDA path is not known here
+# (benchmarks/gpu_check.py measures both settings).
+ROI_DECODE_DEFAULT = {"cpu": True, "cuda": False}
+# The most a fast-IDCT pixel may differ from the exact decode, in 0..255 levels (measured max on
+# the test and benchmark images: 5; the bound leaves room for other image content).
+FAST_IDCT_MAX_LEVELS = 8
 
 
 class Loader(Protocol):

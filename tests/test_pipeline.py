@@ -19,7 +19,7 @@ from alexnet_fast.pipeline.augment import ColorStats, SampleParams, reference_au
 from alexnet_fast.pipeline.baseline import decode_rgb
 from alexnet_fast.pipeline.dali_loader import DaliLoader
 from alexnet_fast.pipeline.host import usable_cores
-from alexnet_fast.pipeline.loader_spec import GPU_LOADER_WORKERS_CAP, default_loader_workers
+from alexnet_fast.pipeline.loader_spec import FAST_IDCT_MAX_LEVELS, GPU_LOADER_WORKERS_CAP, default_loader_workers
 from alexnet_fast.pipeline.loaders import LOADER_KINDS, ON_CORRUPT_MODES, LoaderSpec, make_loader
 from alexnet_fast.pipeline.shardset import ShardSet
 
@@ -106,6 +106,28 @@ def test_dali_cpu_decoder_and_pil_decode_identical_pixels(shard_set, samples, st
     for i, name in enumerate(names):
         ref = samples[name][0][15:242, 15:242].transpose(2, 0, 1)   # DALI's centre: round-half-up of 14.5
         assert np.array_equal(np.rint(pixels[i]).astype(np.uint8), ref), name
+
+
+@pytest.mark.parametrize("split, ten_crop", [("train", False), ("val", False), ("val", True)])
+def test_roi_decoding_gives_the_full_decodes_batches_exactly(shard_set, split, ten_crop):
+    """Decoding only the crop window: the same samples, the same drawn parameters (the random
+    operators are unchanged, so seeds and checkpoints keep their meaning) and bit-identical images."""
+    full = _epoch(_dali(shard_set, split=split, ten_crop=ten_crop, seed=3, roi_decode=False))
+    roi = _epoch(_dali(shard_set, split=split, ten_crop=ten_crop, seed=3, roi_decode=True))
+    assert roi[2] == full[2] and torch.equal(roi[1], full[1]) and torch.equal(roi[0], full[0])
+    assert all(np.array_equal(a, b) for a, b in zip(roi[3], full[3]))
+    assert LoaderSpec(data=str(shard_set)).decode_roi and not LoaderSpec(data=str(shard_set), device="cuda").decode_roi
+
+
+def test_fast_idct_stays_within_its_stated_bound_of_the_exact_decode(shard_set, stats):
+    """fast_idct (libjpeg-turbo's integer IDCT) changes pixels, by at most FAST_IDCT_MAX_LEVELS
+    levels: the val centre crops of every val image, de-normalized back to 0..255."""
+    exact, _, names, _ = _epoch(_dali(shard_set, split="val"))
+    fast, _, fast_names, _ = _epoch(_dali(shard_set, split="val", fast_idct=True))
+    assert fast_names == names
+    levels = ((fast - exact) * torch.tensor(stats.std_255, dtype=torch.float32).view(1, 3, 1, 1)).abs()
+    assert 0 < levels.max() <= FAST_IDCT_MAX_LEVELS + SAME_DECODER_TOL
+    assert levels.mean() < 1.5          # ~1 level on average (measured 1.02): rounding, not another image
 
 
 def test_layouts_and_dtypes(shard_set):
@@ -225,6 +247,11 @@ def test_the_gpu_graph_is_well_formed_without_a_gpu(shard_set, split):
     assert (images.device, labels.device, sources.device) == ("gpu", "gpu", "cpu")
     decoder = next(op for op in pipe._ops if repr(op.spec).startswith("OpSpec for decoders__Image"))
     assert "device: mixed" in repr(decoder.spec) and "hw_decoder_load: 0.75" in repr(decoder.spec)
+    if split == "train":        # ROI decoding on the GPU (off by default there): the mixed image_crop
+        pipe = dp.train_pipeline(reader, dp.DecodeConfig(on_gpu=True, roi=True), out, loader.stats, **args)
+        pipe._build_graph()
+        decoder = next(op for op in pipe._ops if repr(op.spec).startswith("OpSpec for decoders__ImageCrop"))
+        assert "device: mixed" in repr(decoder.spec)
     check = dp.decode_check_pipeline(on_gpu=True, **args)      # the corrupt-sample check's GPU twin
     check._build_graph()
     assert [o.device for o in check._graph_outputs] == ["gpu"]
