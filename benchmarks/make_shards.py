@@ -10,6 +10,14 @@ as a quality-90 JPEG file, one process. make_shards: the real end-to-end run (di
 parallel conversion with draft(), tar + index writing, manifest; stats on 64 images).
 Both sides get an untimed warm-up run, then `--rounds` timed runs each; medians are compared.
 Target: ratio >= 2.
+
+    python benchmarks/make_shards.py --ray --images 800 --rounds 5   # Ray executor vs the local pool
+
+With --ray: the same make_shards run (same inputs, options, output bytes) once through the local
+process pool (`--workers` processes) and once as Ray tasks on a local Ray instance of `--workers`
+CPUs, in interleaved rounds (the order alternating each round, so a change in the machine's load
+falls on both sides), medians compared. Ray's start-up (ray.init) is timed on its own and not
+charged to the runs: it is paid once per job, not per image. Target: Ray's time <= 1.2 x the pool's.
 """
 from __future__ import annotations
 
@@ -76,6 +84,49 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
+def ray_against_pool(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
+    """Seconds per run (median of `rounds`) of make_shards through the local pool and through Ray,
+    interleaved; output bytes checked equal once."""
+    import logging
+
+    import ray
+
+    from alexnet_fast.tools.sharding.ray_executor import RayExecutor
+
+    started = time.perf_counter()
+    ray.init(num_cpus=workers, logging_level=logging.ERROR)
+    init_s = time.perf_counter() - started
+    try:
+        def pool_run(target: Path) -> float:
+            return run_make_shards(raw, target, workers)
+
+        def ray_run(target: Path) -> float:
+            started = time.perf_counter()
+            make_shards(raw, target, ShardOptions(per_shard=100, stats_images=64), workers=workers,
+                        executor=RayExecutor(), progress=False, log=lambda msg: None)
+            return time.perf_counter() - started
+
+        # Warm-up, untimed: Ray's worker processes start and import the project on their first tasks.
+        pool_run(tmp / "warm_pool")
+        ray_run(tmp / "warm_ray")
+        same = all((tmp / "warm_pool" / p.name).read_bytes() == p.read_bytes()
+                   for p in (tmp / "warm_ray").iterdir() if p.is_file())
+        times: dict[str, list[float]] = {"pool": [], "ray": []}
+        for r in range(rounds):
+            sides = [("pool", pool_run), ("ray", ray_run)]
+            for name, side in sides if r % 2 == 0 else sides[::-1]:
+                target = tmp / f"{name}{r}"
+                times[name].append(side(target))
+                shutil.rmtree(target)
+    finally:
+        ray.shutdown()
+    pool_s, ray_s = statistics.median(times["pool"]), statistics.median(times["ray"])
+    return {"ray_init_s": round(init_s, 2), "same_bytes": same,
+            "pool_s": [round(t, 2) for t in times["pool"]], "ray_s": [round(t, 2) for t in times["ray"]],
+            "pool_median_s": pool_s, "ray_median_s": ray_s,
+            "ray_over_pool": round(ray_s / pool_s - 1, 3), "target_ray_over_pool": 0.20}
+
+
 @click.command()
 @click.option("--images", type=click.IntRange(min=10), default=400, show_default=True)
 @click.option("--classes", type=click.IntRange(min=1), default=10, show_default=True)
@@ -85,8 +136,12 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
               help="timed repetitions of each side; the median is reported")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-def main(images, classes, workers, seed, rounds, json_path):
+@click.option("--ray", "with_ray", is_flag=True,
+              help="compare the Ray executor with the local pool instead (needs pip install 'alexnet-fast[ray]')")
+def main(images, classes, workers, seed, rounds, json_path, with_ray):
     workers = workers or default_workers()
+    if with_ray:
+        return main_ray(images, classes, workers, seed, rounds, json_path)
     with tempfile.TemporaryDirectory(prefix="bench_make_shards_") as tmp:
         tmp = Path(tmp)
         paths = write_inputs(tmp / "raw", images, classes, seed)
@@ -131,6 +186,26 @@ def main(images, classes, workers, seed, rounds, json_path):
     click.echo(f"ratio: {result['ratio']:.2f}x (target >= 2x)")
     click.echo(f"make_shards with 1 worker:     {result['make_shards_1_worker_img_per_s']:.1f} img/s "
                f"({result['ratio_1_worker']:.2f}x the baseline)")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main_ray(images, classes, workers, seed, rounds, json_path):
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench_make_shards_ray_") as tmp:
+        tmp = Path(tmp)
+        write_inputs(tmp / "raw", images, classes, seed)
+        result = ray_against_pool(tmp / "raw", tmp, workers, rounds)
+    result.update(images=images, rounds=rounds, workers=workers, cpu_count=os.cpu_count(),
+                  load_average_1min_before=round(load_before[0], 2), load_average_1min_after=round(os.getloadavg()[0], 2),
+                  pool_img_per_s=round(images / result["pool_median_s"], 1),
+                  ray_img_per_s=round(images / result["ray_median_s"], 1))
+    click.echo(f"inputs: {images} JPEGs; {workers} pool processes / Ray CPUs on {result['cpu_count']} CPUs; "
+               f"load average {result['load_average_1min_before']} -> {result['load_average_1min_after']}")
+    click.echo(f"ray.init (once, not in the runs): {result['ray_init_s']:.1f} s; outputs identical: {result['same_bytes']}")
+    click.echo(f"local pool: {result['pool_img_per_s']:.1f} img/s (runs {result['pool_s']} s)")
+    click.echo(f"Ray:        {result['ray_img_per_s']:.1f} img/s (runs {result['ray_s']} s)")
+    click.echo(f"Ray costs {100 * result['ray_over_pool']:+.1f}% over the pool (target <= +20%)")
     if json_path:
         json_path.write_text(json.dumps(result, indent=1) + "\n")
 

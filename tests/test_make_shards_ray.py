@@ -147,3 +147,16 @@ def test_without_ray_the_flag_says_how_to_install_it(raw_imagenet, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'alexnet-fast[ray]'" in lines[0], done.stderr
     assert not (tmp_path / "out").exists()  # refused before touching OUT
+
+
+def test_an_address_nobody_answers_is_one_line(raw_imagenet, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test,ray]' runs these tests")
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([*MAKE_SHARDS, str(raw_imagenet.root), str(tmp_path / "out"), "--no-progress",
+                           "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"make_shards: error: cannot reach Ray at '127.0.0.1:{port}'")

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
@@ -76,6 +77,19 @@ def _get(ref):
                             "finished shards are kept, rerun the same command to continue") from None
 
 
+def _check_reachable(address: str | None) -> None:
+    """A `host:port` that nothing answers on fails here in one line: ray.init itself would log GCS
+    connection warnings and retry for minutes."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # auto, local, ray://... and none: Ray resolves and reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise ShardingError(f"cannot reach Ray at {address!r}: {e.strerror or e}; start the cluster "
+                            "(ray start --head) or pass its head's address") from None
+
+
 class RayExecutor:
     def __init__(self, address: str | None = None, log: Callable[[str], None] = lambda msg: None):
         self.address = address  # as ray.init takes it; None: Ray's default (RAY_ADDRESS, a cluster on this machine, else a new local one)
@@ -89,6 +103,7 @@ class RayExecutor:
         if ray.is_initialized():  # the caller's own Ray session (a test, a benchmark, a notebook): use it, keep it
             yield
             return
+        _check_reachable(self.address)
         try:
             ray.init(address=self.address, logging_level=logging.ERROR)
         except (ConnectionError, ValueError, RuntimeError) as e:
