@@ -1,0 +1,65 @@
+"""The loader benchmark's own harness (benchmarks/window_harness.py), on real child processes:
+windows obey both limits, contenders alternate with the order reversed each round, results are
+medians with the spread (never best-of), and a child that dies is one clear error. No loader runs
+here (the benchmark itself is not part of the suite: it takes minutes and wants a quiet machine)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from window_harness import Contender, WindowRule, interleave, run_window, summarize  # noqa: E402
+
+# A contender whose batches take `delay` seconds each; it logs each window's start to `log`.
+CHILD = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from window_harness import serve
+def batches():
+    while True:
+        time.sleep({delay})
+        yield 4
+serve(batches, warmup_batches=2)
+"""
+
+
+def _contender(name, delay):
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    return Contender(name, [sys.executable, "-c", CHILD.format(bench=bench, delay=delay)])
+
+
+def test_a_window_lasts_both_its_seconds_and_its_batches():
+    ticks = iter(range(1000))                       # a clock that advances 1 "second" per batch
+    by_batches = run_window(iter([8] * 1000), WindowRule(seconds=3, min_batches=10), clock=lambda: next(ticks))
+    assert by_batches["batches"] == 10 and by_batches["images"] == 80
+    ticks = iter(range(1000))
+    by_seconds = run_window(iter([8] * 1000), WindowRule(seconds=20, min_batches=10), clock=lambda: next(ticks))
+    assert by_seconds["batches"] == 20 and by_seconds["img_per_s"] == pytest.approx(8.0)
+
+
+def test_summary_is_the_median_with_the_spread_not_the_best_round():
+    windows = [{"img_per_s": r, "cpu_ms_per_img": 1.0, "batches": 200, "seconds": 10.0} for r in (100.0, 300.0, 120.0)]
+    s = summarize(windows)
+    assert (s["img_per_s"], s["min"], s["max"], s["rounds"]) == (120.0, 100.0, 300.0, [100.0, 300.0, 120.0])
+
+
+def test_contenders_alternate_in_child_processes_and_the_faster_one_measures_faster():
+    fast, slow = _contender("fast", 0.002), _contender("slow", 0.02)
+    order = []
+    try:
+        assert fast.warmup["warmup_batches"] == 2 and fast.warmup["warmup_s"] > 0
+        interleave([fast, slow], 3, WindowRule(seconds=0.1, min_batches=5), log=order.append)
+    finally:
+        fast.close(), slow.close()
+    assert [line.split()[2].rstrip(":") for line in order] == ["fast", "slow", "slow", "fast", "fast", "slow"]
+    assert len(fast.windows) == len(slow.windows) == 3
+    assert all(w["seconds"] >= 0.1 and w["batches"] >= 5 for w in fast.windows + slow.windows)
+    assert fast.summary()["img_per_s"] > 2 * slow.summary()["img_per_s"]
+    assert fast.proc.returncode == slow.proc.returncode == 0
+
+
+def test_a_contender_that_dies_is_named_in_one_line():
+    with pytest.raises(RuntimeError, match=r"^broken: the benchmark process ended \(exit 3\) without a result"):
+        Contender("broken", [sys.executable, "-c", "import sys; sys.exit(3)"])
