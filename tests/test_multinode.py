@@ -7,8 +7,9 @@ on a SLURM cluster (docs/multinode.md), with localhost standing in for the first
   group (a test-side entry point wraps the CLI: tests/, not the product, records the model), and
   both equal the digest of the weights in rank 0's checkpoint;
 - rank 0 alone writes into RUN, and only rank 0's command prints;
-- a --max-steps 2 run then `--resume --max-steps 4` logs the losses of an uninterrupted 4-step run
-  exactly (dropout on: every rank's RNG state travels in the checkpoint);
+- SIGTERM to both agents (what SLURM sends at the time limit): rank 0 writes a checkpoint; `--resume`
+  then logs the losses of an uninterrupted run exactly (dropout on: every rank's RNG state travels
+  in the checkpoint);
 - `eval` over the two nodes equals one process's top-1/top-5, every val image counted once;
 - a rank SIGKILLed on one node ends the run on both within seconds, and the surviving node's
   command says so in one line.
@@ -157,30 +158,42 @@ def _load_shim(path: Path):
     return module
 
 
+STEPS = 6
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shard_set) -> dict:
-    """An uninterrupted 4-step two-node run (through the digest-reporting entry point), and a
-    2-step one resumed to step 4 (through the plain CLI)."""
+    """An uninterrupted STEPS-step two-node run (through the digest-reporting entry point), and one
+    stopped by SIGTERM to both agents (as SLURM stops a job), then resumed (through the plain CLI)."""
     root = tmp_path_factory.mktemp("multinode")
     shim = root / "weights_shim.py"
     shim.write_text(WEIGHTS_SHIM)
     digests = root / "digests"
     digests.mkdir()
-    flags = ["train", "--data", str(shard_set), *SMALL]
-    straight = run_two_nodes(root / "logs-straight", [str(shim)],
-                             [*flags, "--max-steps", "4", "--out", str(root / "straight")],
+    flags = ["train", "--data", str(shard_set), *SMALL, "--max-steps", str(STEPS)]
+    straight = run_two_nodes(root / "logs-straight", [str(shim)], [*flags, "--out", str(root / "straight")],
                              env=_env(WEIGHTS_DIGEST_DIR=str(digests)))
-    first = run_two_nodes(root / "logs-first", CLI, [*flags, "--max-steps", "2", "--out", str(root / "resumed")])
-    resumed = run_two_nodes(root / "logs-resume", CLI,
-                            [*flags, "--max-steps", "4", "--out", str(root / "resumed"), "--resume"])
-    return {"root": root, "shim": _load_shim(shim), "digests": digests, "straight": straight, "first": first,
-            "resumed": resumed}
+    stopped = start_two_nodes(root / "logs-stopped", CLI, [*flags, "--out", str(root / "resumed")])
+    try:
+        _wait_for_step(root / "resumed", 1, stopped)
+        for node in stopped:
+            node.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_all(stopped, timeout=120)
+        stop_s = time.monotonic() - signalled
+    finally:
+        for node in stopped:
+            if node.proc.poll() is None:
+                node.proc.kill()
+    resumed = run_two_nodes(root / "logs-resume", CLI, [*flags, "--out", str(root / "resumed"), "--resume"])
+    return {"root": root, "shim": _load_shim(shim), "digests": digests, "straight": straight, "stopped": stopped,
+            "stop_s": stop_s, "resumed": resumed}
 
 
 @pytest.mark.slow
 def test_replicas_on_both_nodes_are_bitwise_equal(runs):
     saved = torch.load(runs["root"] / "straight" / "last.pt", map_location="cpu", weights_only=False)
-    assert saved["step"] == 4
+    assert saved["step"] == STEPS
     reported = {p.name: p.read_text() for p in runs["digests"].iterdir()}
     assert sorted(reported) == ["rank0.sha256", "rank1.sha256"]
     assert reported["rank0.sha256"] == reported["rank1.sha256"] == runs["shim"].weights_digest(saved["model"])
@@ -192,7 +205,7 @@ def test_rank_zero_alone_writes_the_run_directory_and_prints(runs):
     assert {p.name for p in run.iterdir()} == RUN_FILES
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2 and config["per_rank_batch"] == 2
-    assert sorted(losses(run)) == [1, 2, 3, 4]
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
     main, other = rank0_node(runs["straight"], "config:")
     assert "epoch 1: loss" in main.out()
     assert other.out() == ""                       # rank 1's command prints nothing...
@@ -201,16 +214,24 @@ def test_rank_zero_alone_writes_the_run_directory_and_prints(runs):
 
 
 @pytest.mark.slow
-def test_resume_across_nodes_continues_exactly(runs):
+def test_sigterm_to_both_agents_writes_a_checkpoint_and_resume_continues_exactly(runs):
+    import re
+
     run = runs["root"] / "resumed"
+    assert runs["stop_s"] < 60, f"took {runs['stop_s']:.1f} s to stop"
+    main, other = rank0_node(runs["stopped"], "stopped by SIGTERM")
+    assert other.out() == ""
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+): checkpoint written", main.out()).group(1))
+    assert 1 <= stopped_at < STEPS, "the signal came too late to test a resume"
+
     main, _ = rank0_node(runs["resumed"], "resumed from")
-    assert f"resumed from {run / 'last.pt'}: epoch 0, step 2" in main.out()
+    assert f"resumed from {run / 'last.pt'}: epoch 0, step {stopped_at}" in main.out()
     expected, got = losses(runs["root"] / "straight"), losses(run)
-    assert sorted(got) == [1, 2, 3, 4]
-    assert got == expected                     # bitwise: the same floats, resumed or not
+    assert sorted(got) == list(range(1, STEPS + 1))     # each step logged once, before or after the stop
+    assert got == expected                     # bitwise: the same floats, stopped or not
     final = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     straight = torch.load(runs["root"] / "straight" / "last.pt", map_location="cpu", weights_only=False)
-    assert final["step"] == 4
+    assert final["step"] == STEPS
     assert runs["shim"].weights_digest(final["model"]) == runs["shim"].weights_digest(straight["model"])
 
 
