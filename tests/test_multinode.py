@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,8 +216,6 @@ def test_rank_zero_alone_writes_the_run_directory_and_prints(runs):
 
 @pytest.mark.slow
 def test_sigterm_to_both_agents_writes_a_checkpoint_and_resume_continues_exactly(runs):
-    import re
-
     run = runs["root"] / "resumed"
     assert runs["stop_s"] < 60, f"took {runs['stop_s']:.1f} s to stop"
     main, other = rank0_node(runs["stopped"], "stopped by SIGTERM")
@@ -314,8 +313,6 @@ def test_a_killed_rank_ends_the_run_on_both_nodes_in_one_line(shard_set, tmp_pat
 
 def test_the_predicted_scaling_over_nodes_in_the_docs_is_what_the_tool_prints():
     """docs/multinode.md's table: each row as `alexnet-fast profile --scaling` prints it today."""
-    import re
-
     from click.testing import CliRunner
 
     from alexnet_fast.tools.cli import main
