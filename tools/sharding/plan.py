@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, Iterator, NamedTuple, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import Converted, ImageOptions, convert_image, read_item
@@ -49,7 +49,7 @@ class Outcome(NamedTuple):
     executor keeps its image (`handle`: the Converted itself, or a reference into a remote block)."""
     task: Task
     reason: str | None
-    handle: Hashable | Converted | None
+    handle: object
 
 
 @dataclass(frozen=True)
