@@ -18,6 +18,16 @@ process pool (`--workers` processes) and once as Ray tasks on a local Ray instan
 CPUs, in interleaved rounds (the order alternating each round, so a change in the machine's load
 falls on both sides), medians compared. Ray's start-up (ray.init) is timed on its own and not
 charged to the runs: it is paid once per job, not per image. Target: Ray's time <= 1.2 x the pool's.
+
+    python benchmarks/make_shards.py --peer ffcv --images 1440 --workers 2 --rounds 5 [--raw DIR]
+
+With --peer ffcv: FFCV 1.0.2's DatasetWriter (benchmarks/ffcv_writer.py, run in FFCV's venv from
+benchmarks/ffcv_setup.sh) against the whole make_shards command (statistics of every train image
+included, its default) on the same raw tree (`--raw DIR`: a real `train/<wnid>/*` tree instead of
+the drawn one) with the same worker count, in interleaved rounds (order alternating), medians
+compared. Both are timed in-process around the work (no interpreter start or imports on either
+side). The work each did is reported with the times: FFCV stores the longer side at <= 256 (about
+0.75x the pixels of our 256x256 centre crop) and writes no statistics. Target: ours/FFCV >= 1.2.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +96,82 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
+FFCV_VENV = Path(__file__).resolve().parent.parent / ".ffcv-venv"
+
+
+def ffcv_python() -> Path:
+    python = Path(os.environ.get("FFCV_VENV", FFCV_VENV)) / "bin" / "python"
+    if not (python.parent.parent / "READY").exists():
+        raise click.ClickException(f"no FFCV venv at {python.parent.parent} (run: bash benchmarks/ffcv_setup.sh)")
+    return python
+
+
+def ffcv_writer_run(raw: Path, beton: Path, workers: int) -> dict:
+    """One FFCV DatasetWriter run in FFCV's venv; its JSON line (seconds timed in that process)."""
+    proc = subprocess.run([str(ffcv_python()), str(Path(__file__).with_name("ffcv_writer.py")), "--raw", str(raw),
+                           "--beton", str(beton), "--workers", str(workers)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise click.ClickException(f"ffcv_writer.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stored_pixels(out: Path) -> int:
+    """Pixels of every stored train image of a shard set (from the `.json` metadata members)."""
+    import tarfile
+
+    total = 0
+    for tar_path in sorted(out.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    total += meta["w"] * meta["h"]
+    return total
+
+
+def full_command_run(raw: Path, out: Path, workers: int) -> float:
+    """Seconds for the whole make_shards command with its defaults (statistics of every train image)."""
+    started = time.perf_counter()
+    make_shards(raw, out, ShardOptions(), workers=workers, progress=False, log=lambda msg: None)
+    return time.perf_counter() - started
+
+
+def against_ffcv(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
+    """Interleaved rounds of make_shards and FFCV's writer on `raw`; times, medians, the work each did."""
+    images = sum(1 for p in (raw / "train").glob("*/*") if p.is_file())
+    # Warm-up, untimed: page cache of the inputs, Numba's cache, FFCV's imports compiled.
+    full_command_run(raw, tmp / "warm_ours", workers)
+    warm_ffcv = ffcv_writer_run(raw, tmp / "warm.beton", workers)
+    ours_pixels, ours_bytes = stored_pixels(tmp / "warm_ours"), sum(
+        p.stat().st_size for p in (tmp / "warm_ours").glob("train-*.tar"))
+    shutil.rmtree(tmp / "warm_ours")
+    times: dict[str, list[float]] = {"ours": [], "ffcv": []}
+    loads = [os.getloadavg()[0]]
+    for r in range(rounds):
+        sides = [("ours", lambda: full_command_run(raw, tmp / "ours", workers)),
+                 ("ffcv", lambda: ffcv_writer_run(raw, tmp / "ffcv.beton", workers)["seconds"])]
+        for name, side in sides if r % 2 == 0 else sides[::-1]:
+            times[name].append(side())
+            loads.append(os.getloadavg()[0])
+        shutil.rmtree(tmp / "ours")
+        (tmp / "ffcv.beton").unlink()
+    ours_s, ffcv_s = statistics.median(times["ours"]), statistics.median(times["ffcv"])
+    return {
+        "images": images, "workers": workers, "rounds": rounds,
+        "ours_s": [round(t, 2) for t in times["ours"]], "ffcv_s": [round(t, 2) for t in times["ffcv"]],
+        "img_per_s": round(images / ours_s, 1),
+        "img_per_s_per_worker": round(images / ours_s / workers, 1),
+        "ffcv": {"img_per_s": round(images / ffcv_s, 1), "stored_pixels": warm_ffcv["stored_pixels"],
+                 "output_bytes": warm_ffcv["output_bytes"], "statistics": False},
+        "ours": {"stored_pixels": ours_pixels, "train_tar_bytes": ours_bytes, "statistics": True},
+        "ratio_vs_ffcv": round(ffcv_s / ours_s, 3),
+        "target_ratio_vs_ffcv": 1.2,
+        "load_average_1min": {"min": round(min(loads), 2), "median": round(statistics.median(loads), 2),
+                              "max": round(max(loads), 2)},
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def ray_against_pool(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
     """Seconds per run (median of `rounds`) of make_shards through the local pool and through Ray,
     interleaved; output bytes checked equal once."""
@@ -138,8 +226,16 @@ def ray_against_pool(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
               help="also write the results here")
 @click.option("--ray", "with_ray", is_flag=True,
               help="compare the Ray executor with the local pool instead (needs pip install 'alexnet-fast[ray]')")
-def main(images, classes, workers, seed, rounds, json_path, with_ray):
+@click.option("--peer", type=click.Choice(["ffcv"]), default=None,
+              help="compare with FFCV's DatasetWriter instead (needs benchmarks/ffcv_setup.sh)")
+@click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="with --peer: a real raw tree (train/<wnid>/*) instead of the drawn one")
+def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_dir):
     workers = workers or default_workers()
+    if peer == "ffcv":
+        return main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir)
+    if raw_dir is not None:
+        raise click.UsageError("--raw goes with --peer ffcv")
     if with_ray:
         return main_ray(images, classes, workers, seed, rounds, json_path)
     with tempfile.TemporaryDirectory(prefix="bench_make_shards_") as tmp:
@@ -206,6 +302,30 @@ def main_ray(images, classes, workers, seed, rounds, json_path):
     click.echo(f"local pool: {result['pool_img_per_s']:.1f} img/s (runs {result['pool_s']} s)")
     click.echo(f"Ray:        {result['ray_img_per_s']:.1f} img/s (runs {result['ray_s']} s)")
     click.echo(f"Ray costs {100 * result['ray_over_pool']:+.1f}% over the pool (target <= +20%)")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir):
+    ffcv_python()  # one line now, not after drawing the inputs
+    with tempfile.TemporaryDirectory(prefix="bench_make_shards_ffcv_") as tmp:
+        tmp = Path(tmp)
+        source = str(raw_dir) if raw_dir else f"drawn: tools/sample_data.py, ImageNet-sized, seed {seed}"
+        if raw_dir is None:
+            raw_dir = tmp / "raw"
+            write_inputs(raw_dir, images, classes, seed)
+        result = against_ffcv(raw_dir, tmp, workers, rounds)
+    result["raw"] = source
+    ffcv, ours = result["ffcv"], result["ours"]
+    click.echo(f"inputs: {result['images']} images ({result['raw']}); {workers} workers each on "
+               f"{result['cpu_count']} CPUs; load average {result['load_average_1min']}")
+    click.echo(f"make_shards (whole command, statistics of every train image): {result['img_per_s']:.1f} img/s "
+               f"(runs {result['ours_s']} s); {result['img_per_s_per_worker']:.1f} img/s per worker")
+    click.echo(f"FFCV DatasetWriter (no statistics):                           {ffcv['img_per_s']:.1f} img/s "
+               f"(runs {result['ffcv_s']} s)")
+    click.echo(f"work: ours stores {ours['stored_pixels'] / 1e6:.1f} MP in {ours['train_tar_bytes'] / 1e6:.1f} MB of tars; "
+               f"FFCV {ffcv['stored_pixels'] / 1e6:.1f} MP in a {ffcv['output_bytes'] / 1e6:.1f} MB .beton")
+    click.echo(f"ours / FFCV: {result['ratio_vs_ffcv']:.2f}x (target >= 1.2x)")
     if json_path:
         json_path.write_text(json.dumps(result, indent=1) + "\n")
 
