@@ -21,6 +21,12 @@ a byte-identical stats.json (make_shards relies on that after a resumed run). Th
 formed as (n*P - S*S^T) / (255^2 n^2) in exact integer arithmetic and rounded once to float64, so
 there is no catastrophic cancellation either.
 
+Two ways to the same file: `compute_stats` decodes the stored JPEGs back out of the train shards
+(`alexnet-fast stats`); make_shards gets the same moments in its conversion pass instead
+(`image_moments` of each stored JPEG right after encoding it, summed per shard in its resume
+sidecar, then `stats_from_moments`), without reading the shards again. Same decoder, same integer
+sums: the same bytes.
+
 Eigenvector signs are fixed (each column's largest-magnitude component is positive) so that the
 file does not depend on the LAPACK build's sign choice.
 """
@@ -115,6 +121,28 @@ def list_tar_images(tar_path: Path) -> list[str]:
         raise StatsError(f"cannot read shard {str(tar_path)!r}: {e}") from None
 
 
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the moments kernel now, so forked workers inherit it."""
+    _add_pixel_moments(np.zeros(3, np.uint8), np.zeros(_MOMENTS, np.int64))
+
+
+def image_moments(jpeg: bytes, where: str) -> tuple[int, ...]:
+    """The moment vector [pixels, r, g, b, rr, rg, rb, gg, gb, bb] of one stored JPEG's decoded
+    pixels, exactly what `compute_stats` adds for it (same decode, same kernel)."""
+    acc = np.zeros(_MOMENTS, dtype=np.int64)
+    _add_pixel_moments(decode_rgb(jpeg, where).reshape(-1), acc)
+    return tuple(int(v) for v in acc)
+
+
+def add_moments(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> list[int]:
+    """Element-wise sum as Python ints: exact, so the order of additions never matters."""
+    return [int(x) + int(y) for x, y in zip(a, b)]
+
+
+def zero_moments() -> list[int]:
+    return [0] * _MOMENTS
+
+
 @dataclass(frozen=True)
 class _Task:
     tar: Path
@@ -192,20 +220,24 @@ def compute_stats(train_tars: list[Path], *, max_images: int | None = None, seed
         raise StatsError(f"max_images must be at least 1, got {max_images}")
     tasks = _make_tasks([Path(t) for t in train_tars], max_images, seed)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    # Compile once here; forked workers inherit the machine code.
-    _add_pixel_moments(np.zeros(3, np.uint8), np.zeros(_MOMENTS, np.int64))
+    warm_up()  # compile once here; forked workers inherit the machine code
 
     images, total = 0, [0] * _MOMENTS
     with _task_results(tasks, workers) as results:
         bar = _progress_bar(tasks, progress)  # after the fork: no tqdm monitor thread in the workers
         for task_images, moments in results:
             images += task_images
-            total = [a + b for a, b in zip(total, moments)]  # Python ints: exact, order-free
+            total = add_moments(total, moments)
             bar(task_images)
         bar(None)
-    if images == 0 or total[0] == 0:
+    return stats_from_moments(total, images, max_images=max_images, seed=seed)
+
+
+def stats_from_moments(moments: list[int], images: int, *, max_images: int | None, seed: int) -> dict:
+    """stats.json's dict from the summed moments of `images` images (the sample they were drawn as)."""
+    if images == 0 or moments[0] == 0:
         raise StatsError("the train shards hold no images")
-    stats = moments_to_stats(total, images)
+    stats = moments_to_stats(moments, images)
     stats["sample"] = {"max_images": max_images, "seed": seed}
     return stats
 

@@ -16,6 +16,9 @@ from alexnet_fast.pipeline.shardset import ShardSet
 from alexnet_fast.pipeline.stats import StatsError, compute_stats, write_stats
 from alexnet_fast.tools.cli import run_command
 from alexnet_fast.tools.cmd_stats import stats_command
+from alexnet_fast.tools.sharding import resume
+from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
+from alexnet_fast.tools.sharding.local_executor import LocalExecutor
 
 RTOL = 1e-6
 
@@ -156,6 +159,53 @@ def test_undecodable_image_is_a_clear_error(tmp_path):
         compute_stats([path], workers=1)
     with pytest.raises(StatsError, match="cannot read shard"):
         compute_stats([tmp_path / "missing.tar"], workers=1)
+
+
+class _StopAfter(Exception):
+    pass
+
+
+class _StoppingExecutor(LocalExecutor):
+    """The real local executor, stopped (an exception out of its progress callback) once `images`
+    images are converted: the shards finished by then stay, with their sidecars, as after a kill."""
+
+    def __init__(self, workers: int, images: int):
+        super().__init__(workers)
+        self.images = images
+
+    def write_shards(self, plan, advance):
+        seen = 0
+
+        def stop_at(n):
+            nonlocal seen
+            seen += n
+            if seen >= self.images:
+                raise _StopAfter
+
+        super().write_shards(plan, stop_at)
+
+
+def test_make_shards_statistics_from_its_conversion_pass(raw_imagenet, tmp_path):
+    """stats.json from the moments computed while converting (every train image; reused shards'
+    moments from their sidecars) is byte-identical to `compute_stats` decoding the shards again."""
+    opts = ShardOptions(per_shard=16)
+    out = tmp_path / "set"
+    with pytest.raises(_StopAfter):
+        make_shards(raw_imagenet.root, out, opts, workers=2, progress=False, log=lambda msg: None,
+                    executor=_StoppingExecutor(2, 40))
+    sidecars = sorted((out / resume.STATE_DIR).glob("train-*.json"))
+    assert sidecars and not (out / "stats.json").exists()
+    for sidecar in sidecars:  # the in-pass moments are kept with each finished shard
+        body = json.loads(sidecar.read_text())
+        assert body["moments"][0] == body["record"]["samples"] * 256 * 256
+    report = make_shards(raw_imagenet.root, out, opts, workers=2, progress=False, log=lambda msg: None)
+    assert report.reused_shards == len(sidecars)
+    tars = [s.tar for s in ShardSet.open(out).shards("train")]
+    recomputed = tmp_path / "recomputed"
+    recomputed.mkdir()
+    write_stats(recomputed, compute_stats(tars, workers=1))
+    assert (out / "stats.json").read_bytes() == (recomputed / "stats.json").read_bytes()
+    _assert_agrees(json.loads((out / "stats.json").read_text()), _numpy_stats(_tar_pixels(tars)))
 
 
 def _cli(args: list, capsys) -> tuple[int, str, str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from alexnet_fast.pipeline.stats import image_moments
 from alexnet_fast.tools.sharding.errors import RejectedImage
 from alexnet_fast.tools.sharding.layout import RawItem
 
@@ -42,6 +43,9 @@ class Converted:
     h: int
     orig_w: int
     orig_h: int
+    # stats.json's moment vector of the stored JPEG's decoded pixels (pipeline/stats.py), when asked:
+    # the statistics come from this pass instead of a second read of the train shards.
+    moments: tuple[int, ...] | None = None
 
 
 def read_item(item: RawItem) -> bytes:
@@ -75,7 +79,10 @@ def _target_size(w: int, h: int, size: int) -> tuple[int, int]:
     return max(1, round(w * size / h)), size
 
 
-def convert_image(data: bytes, opts: ImageOptions) -> Converted:
+def convert_image(data: bytes, opts: ImageOptions, *, moments: bool = False) -> Converted:
+    """The stored image of one raw file (RejectedImage if there is none); with `moments`, also the
+    statistics' moment vector of the stored JPEG as any reader decodes it (not of the pixels before
+    encoding: stats.json describes what training reads)."""
     if not data:
         raise RejectedImage("empty file")
     # Pillow raises many exception types on hostile bytes (OSError, SyntaxError, ValueError,
@@ -118,7 +125,9 @@ def convert_image(data: bytes, opts: ImageOptions) -> Converted:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces only at load()
         raise RejectedImage(f"cannot decode: {_describe(e)}") from None
-    return Converted(buf.getvalue(), out.size[0], out.size[1], orig_w, orig_h)
+    jpeg = buf.getvalue()
+    return Converted(jpeg, out.size[0], out.size[1], orig_w, orig_h,
+                     image_moments(jpeg, "stored image") if moments else None)
 
 
 def _pixel_limit() -> int:

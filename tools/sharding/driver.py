@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 
 from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
+from alexnet_fast.pipeline.stats import add_moments, compute_stats, stats_from_moments, write_stats, zero_moments
+from alexnet_fast.pipeline.stats import warm_up as stats_warm_up
 from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import ImageOptions
@@ -151,15 +153,20 @@ def _progress_bar(total: int, show: bool):
             bar.close()
 
 
-def _compute_stats(out: Path, train_tars: list[Path], opts: ShardOptions, workers: int, progress: bool, log) -> None:
-    """stats.json from the finished train shards (Numba; alexnet_fast.pipeline.stats)."""
-    try:
-        from alexnet_fast.pipeline.stats import compute_stats, write_stats
-    except ImportError:  # a checkout without the statistics module: shards are still usable
-        log("statistics module not available: stats.json not written (run `alexnet-fast stats OUT` later)")
-        return
-    stats = compute_stats(train_tars, max_images=opts.stats_images, seed=opts.seed, workers=workers,
-                          progress=progress)
+def _write_stats(out: Path, plan: ShardPlan, opts: ShardOptions, workers: int, progress: bool) -> None:
+    """stats.json. Every train image (the default): from the moments the conversion pass computed
+    (summed per shard, kept in the resume sidecars, so reused shards count too); a sample
+    (--stats-images N): decoded from the finished train shards. Either way the same bytes as
+    `alexnet-fast stats` over the shards (pipeline/stats.py)."""
+    finished = plan.finished["train"]
+    if plan.stats_in_pass and all(s.moments is not None for s in finished):
+        total = zero_moments()
+        for shard in finished:
+            total = add_moments(total, shard.moments)
+        stats = stats_from_moments(total, sum(s.record.samples for s in finished), max_images=None, seed=opts.seed)
+    else:  # a sample, or shards reused from a run that did not compute moments
+        stats = compute_stats([out / s.record.tar for s in finished], max_images=opts.stats_images, seed=opts.seed,
+                              workers=workers, progress=progress)
     write_stats(out, stats)
 
 
@@ -210,7 +217,9 @@ def make_shards(
         ordered = _ordered_items(discovery, opts.seed)
         classes = {wnid: i for i, wnid in enumerate(discovery.classes)}
         plan = ShardPlan(out, opts.image, opts.per_shard, fingerprint, classes, ordered,
-                         {split: resume.reusable_prefix(out, split, fingerprint) for split in SPLITS})
+                         {split: resume.reusable_prefix(out, split, fingerprint) for split in SPLITS},
+                         stats_in_pass=opts.stats_images is None)
+        stats_warm_up()  # the moments kernel compiled before the pool forks
         if plan.reused:
             log(f"resuming: reusing {plan.reused} finished shard(s)")
         with _progress_bar(len(plan.todo), progress) as advance:
@@ -219,9 +228,8 @@ def make_shards(
 
         keep = {name for split in SPLITS for r in plan.records(split) for name in (r.tar, r.index)}
         _remove_shard_files(out, keep)  # shards of an earlier, longer attempt of this job
-        train_tars = [out / r.tar for r in plan.records("train")]
-        if train_tars:
-            _compute_stats(out, train_tars, opts, workers, progress, log)
+        if plan.finished["train"]:
+            _write_stats(out, plan, opts, workers, progress)
 
         rejected = discovery.rejected + plan.rejected()
         manifest = build_manifest(discovery, args, fingerprint, {s: plan.records(s) for s in SPLITS}, rejected)

@@ -15,17 +15,23 @@ from alexnet_fast.tools.sharding.layout import RawItem
 from alexnet_fast.tools.sharding.plan import Outcome, ShardPlan, convert_item, write_shard
 
 
+def _convert(job: tuple[RawItem, bool], opts: ImageOptions):
+    item, moments = job
+    return convert_item(item, opts, moments)
+
+
 @contextlib.contextmanager
 def _converter(opts: ImageOptions, workers: int):
-    """A function mapping items to conversion results in input order, over `workers` processes."""
-    task = functools.partial(convert_item, opts=opts)
+    """A function mapping (item, with moments) pairs to conversion results in input order, over
+    `workers` processes."""
+    task = functools.partial(_convert, opts=opts)
     if workers <= 1:
-        yield lambda items: map(task, items)
+        yield lambda jobs: map(task, jobs)
         return
     # fork, before any progress-bar thread exists: workers need only PIL and the items, and
     # spawn would re-import `tools/make_shards` as __main__.
     with fork_pool(workers) as pool:
-        yield lambda items: pool.imap(task, items, chunksize=max(1, min(32, len(items) // (4 * workers))))
+        yield lambda jobs: pool.imap(task, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers))))
 
 
 class LocalExecutor:
@@ -36,12 +42,12 @@ class LocalExecutor:
         return f"{self.workers} local process(es)"
 
     def write_shards(self, plan: ShardPlan, advance: Callable[[int], None]) -> None:
-        items: list[RawItem] = [task.item for task in plan.todo]
-        with _converter(plan.image, self.workers if len(items) > 1 else 1) as convert_all:
+        jobs = [(task.item, plan.moments_for(task)) for task in plan.todo]
+        with _converter(plan.image, self.workers if len(jobs) > 1 else 1) as convert_all:
             def outcomes() -> Iterator[Outcome]:
-                for task, result in zip(plan.todo, convert_all(items)):
+                for task, result in zip(plan.todo, convert_all(jobs)):
                     advance(1)
                     yield Outcome(task, result if isinstance(result, str) else None, result)
 
             for shard in plan.cut(outcomes()):
-                plan.finish(shard, write_shard(plan.out, shard.name, shard.samples(lambda converted: converted)))
+                plan.finish(shard, write_shard(plan.out, shard, lambda converted: converted))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
+from alexnet_fast.pipeline.stats import add_moments, zero_moments
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import Converted, ImageOptions, convert_image, read_item
 from alexnet_fast.tools.sharding.errors import RejectedImage
@@ -30,10 +31,11 @@ from alexnet_fast.tools.sharding.manifest import ShardRecord
 from alexnet_fast.tools.sharding.tarwriter import Sample, build_shard
 
 
-def convert_item(item: RawItem, opts: ImageOptions) -> Converted | str:
-    """One input item: its stored image, or the reason it is rejected (the same text on any machine)."""
+def convert_item(item: RawItem, opts: ImageOptions, moments: bool = False) -> Converted | str:
+    """One input item: its stored image (with its statistics moments if `moments`: see
+    ShardPlan.moments_for), or the reason it is rejected (the same text on any machine)."""
     try:
-        return convert_image(read_item(item), opts)
+        return convert_image(read_item(item), opts, moments=moments)
     except RejectedImage as e:
         return str(e)
 
@@ -75,22 +77,31 @@ class PlannedShard:
     def name(self) -> str:
         return resume.shard_name(self.split, self.number)
 
-    def samples(self, image_of: Callable[[object], Converted]) -> list[Sample]:
-        out = []
-        for e in self.entries:
-            c = image_of(e.handle)
-            out.append(Sample(e.key, e.label, e.wnid, e.source, c.jpeg, c.w, c.h, c.orig_w, c.orig_h))
-        return out
+class Written(NamedTuple):
+    """A shard written: its manifest record, and the sum of its images' statistics moments (None
+    when the conversion did not compute them)."""
+    record: ShardRecord
+    moments: tuple[int, ...] | None
 
 
-def write_shard(out: Path, name: str, samples: list[Sample]) -> ShardRecord:
+def write_shard(out: Path, shard: PlannedShard, image_of: Callable[[object], Converted]) -> Written:
     """`name`.idx then `name`.tar in OUT, each complete or absent (temp file of this process, then
     rename). Runs in the driver (local executor) or in a Ray worker on any node."""
-    shard = build_shard(samples)
-    atomic_write_bytes(out / f"{name}.idx", shard.index)
-    atomic_write_bytes(out / f"{name}.tar", shard.tar)
-    return ShardRecord(f"{name}.tar", f"{name}.idx", shard.samples, len(shard.tar), shard.sha256,
-                       hashlib.sha256(shard.index).hexdigest())
+    images = [image_of(e.handle) for e in shard.entries]
+    samples = [Sample(e.key, e.label, e.wnid, e.source, c.jpeg, c.w, c.h, c.orig_w, c.orig_h)
+               for e, c in zip(shard.entries, images)]
+    built = build_shard(samples)
+    atomic_write_bytes(out / f"{shard.name}.idx", built.index)
+    atomic_write_bytes(out / f"{shard.name}.tar", built.tar)
+    record = ShardRecord(f"{shard.name}.tar", f"{shard.name}.idx", built.samples, len(built.tar), built.sha256,
+                         hashlib.sha256(built.index).hexdigest())
+    moments = None
+    if images and all(c.moments is not None for c in images):
+        total = zero_moments()
+        for c in images:
+            total = add_moments(total, c.moments)
+        moments = tuple(total)
+    return Written(record, moments)
 
 
 class _SplitCutter:
@@ -127,8 +138,10 @@ class ShardPlan:
     """One job's remaining work and its finished shards (reused ones first)."""
 
     def __init__(self, out: Path, image: ImageOptions, per_shard: int, fingerprint: str, classes: dict[str, int],
-                 ordered: dict[str, list[RawItem]], finished: dict[str, list[resume.FinishedShard]]):
+                 ordered: dict[str, list[RawItem]], finished: dict[str, list[resume.FinishedShard]],
+                 stats_in_pass: bool = False):
         self.out, self.image, self.per_shard, self.fingerprint = out, image, per_shard, fingerprint
+        self.stats_in_pass = stats_in_pass
         self.classes, self.ordered = classes, ordered
         self.finished = {split: list(done) for split, done in finished.items()}
         self.reused = sum(len(done) for done in self.finished.values())
@@ -159,10 +172,16 @@ class ShardPlan:
                 yield shard
         yield from close_until(None)
 
-    def finish(self, shard: PlannedShard, record: ShardRecord) -> None:
+    def moments_for(self, task: Task) -> bool:
+        """Whether the conversion of `task` also computes its statistics moments: train images, when
+        stats.json comes from the conversion pass (every train image; a sample is read from the shards)."""
+        return self.stats_in_pass and task.split == "train"
+
+    def finish(self, shard: PlannedShard, written: Written) -> None:
         """Record a written shard; called in shard order (the sidecar goes after the files: a
         sidecar means the shard is complete)."""
-        done = resume.FinishedShard(record, shard.first_item, shard.end_item, shard.rejected)
+        done = resume.FinishedShard(written.record, shard.first_item, shard.end_item, shard.rejected,
+                                    written.moments)
         resume.save_sidecar(self.out, self.fingerprint, done)
         self.finished[shard.split].append(done)
 

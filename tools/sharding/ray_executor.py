@@ -36,8 +36,7 @@ import ray
 from alexnet_fast.tools.sharding.convert import Converted, ImageOptions
 from alexnet_fast.tools.sharding.errors import ShardingError
 from alexnet_fast.tools.sharding.layout import RawItem
-from alexnet_fast.tools.sharding.manifest import ShardRecord
-from alexnet_fast.tools.sharding.plan import Outcome, PlannedShard, ShardPlan, convert_item, write_shard
+from alexnet_fast.tools.sharding.plan import Outcome, PlannedShard, ShardPlan, Written, convert_item, write_shard
 
 RETRIES = 3          # runs of a task again after its worker process (or node) died: Ray's max_retries
 MAX_BLOCK = 256      # images per conversion task at most (a few seconds of work: Ray's per-task cost vanishes)
@@ -45,16 +44,17 @@ TASKS_PER_CPU = 2    # tasks in flight per cluster CPU: every CPU busy, a bounde
 
 
 @ray.remote(num_returns=2)
-def _convert_block(items: list[RawItem], opts: ImageOptions) -> tuple[list[str | None], list[Converted | None]]:
-    results = [convert_item(item, opts) for item in items]
+def _convert_block(items: list[RawItem], opts: ImageOptions,
+                   moments: list[bool]) -> tuple[list[str | None], list[Converted | None]]:
+    results = [convert_item(item, opts, with_moments) for item, with_moments in zip(items, moments)]
     return ([r if isinstance(r, str) else None for r in results],
             [None if isinstance(r, str) else r for r in results])
 
 
 @ray.remote
-def _write_shard(out: str, shard: PlannedShard, block_numbers: list[int], *blocks: list[Converted | None]) -> ShardRecord:
+def _write_shard(out: str, shard: PlannedShard, block_numbers: list[int], *blocks: list[Converted | None]) -> Written:
     images = dict(zip(block_numbers, blocks))  # Ray resolved the block references into the lists
-    return write_shard(Path(out), shard.name, shard.samples(lambda handle: images[handle[0]][handle[1]]))
+    return write_shard(Path(out), shard, lambda handle: images[handle[0]][handle[1]])
 
 
 def _absolute(item: RawItem) -> RawItem:
@@ -137,7 +137,8 @@ class RayExecutor:
             for number, tasks in enumerate(blocks):
                 while submitted < len(blocks) and submitted <= number + in_flight:
                     reasons_ref, images[submitted] = convert.remote([_absolute(t.item) for t in blocks[submitted]],
-                                                                    plan.image)
+                                                                    plan.image,
+                                                                    [plan.moments_for(t) for t in blocks[submitted]])
                     reasons.append(reasons_ref)
                     submitted += 1
                 block_reasons = _get(reasons.popleft())

@@ -27,6 +27,7 @@ class FinishedShard:
     first_item: int  # input items [first_item, end_item) of the split's ordered list
     end_item: int
     rejected: tuple[Rejection, ...]
+    moments: tuple[int, ...] | None = None   # statistics moments of its images (plan.Written), if computed
 
 
 def shard_name(split: str, number: int) -> str:
@@ -41,6 +42,7 @@ def save_sidecar(out: Path, fingerprint: str, shard: FinishedShard) -> None:
         "record": asdict(shard.record),
         "items": [shard.first_item, shard.end_item],
         "rejected": [r.as_dict() for r in shard.rejected],
+        "moments": None if shard.moments is None else list(shard.moments),
     }
     name = Path(shard.record.tar).stem
     atomic_write_bytes(state / f"{name}.json", json.dumps(body).encode())
@@ -54,9 +56,10 @@ def _load_sidecar(out: Path, name: str, fingerprint: str) -> FinishedShard | Non
         record = ShardRecord(**body["record"])
         rejected = tuple(Rejection(**r) for r in body["rejected"])
         first, end = body["items"]
+        moments = None if body.get("moments") is None else tuple(int(v) for v in body["moments"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or half-written: the shard is simply redone
-    return FinishedShard(record, first, end, rejected)
+    return FinishedShard(record, first, end, rejected, moments)
 
 
 def _files_match(out: Path, record: ShardRecord) -> bool:
