@@ -96,6 +96,46 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
+# cProfile functions -> the stage of make_shards they are (by tottime); the rest is "other (Python)".
+STAGES = {
+    "read": ("read' of '_io.BufferedReader", "posix.stat", "io.open"),
+    "decode (libjpeg, incl. the statistics' decode of each stored JPEG)": ("'decode' of 'ImagingDecoder'",),
+    "resize + crop (one pass)": ("'resize' of 'ImagingCore'",),
+    "encode (libjpeg, q90)": ("'encode' of 'ImagingEncoder'",),
+    "statistics moments (Numba)": ("_add_pixel_moments",),
+    "hash (sha256)": ("openssl_sha256", "'update' of '_hashlib", "'hexdigest' of '_hashlib"),
+    "tar + index build": ("tarfile.py", "shard_format.py", "tarwriter.py"),
+    "file writes + fsync": ("posix.fsync", "'write' of '_io", "posix.replace"),
+    "colour conversion": ("'convert' of 'ImagingCore'",),
+}
+
+
+def profile_stages(raw: Path, tmp: Path) -> dict:
+    """One make_shards run in this process (1 worker, statistics of every train image) under cProfile:
+    CPU ms per image per stage, and images per CPU-second (the per-core rate, whatever the load)."""
+    import cProfile
+    import pstats
+
+    run_make_shards_full = lambda target: make_shards(raw, target, ShardOptions(), workers=1, progress=False,  # noqa: E731
+                                                      log=lambda msg: None)
+    run_make_shards_full(tmp / "warm_profile")   # untimed: page cache, Numba cache
+    images = sum(1 for p in (raw / "train").glob("*/*") if p.is_file())
+    profiler = cProfile.Profile(time.process_time)
+    cpu = time.process_time()
+    profiler.enable()
+    run_make_shards_full(tmp / "profile")
+    profiler.disable()
+    cpu = time.process_time() - cpu
+    stages = dict.fromkeys([*STAGES, "other (Python)"], 0.0)
+    for (filename, _, function), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():
+        where = f"{filename}:{function}"
+        stage = next((name for name, keys in STAGES.items() if any(k in where for k in keys)), "other (Python)")
+        stages[stage] += tottime
+    return {"images": images, "cpu_s": round(cpu, 2), "img_per_cpu_s": round(images / cpu, 1),
+            "ms_per_image": {k: round(1000 * v / images, 2) for k, v in stages.items()},
+            "note": "1 worker, under cProfile (its overhead lands mostly in 'other (Python)'); CPU time"}
+
+
 FFCV_VENV = Path(__file__).resolve().parent.parent / ".ffcv-venv"
 
 
@@ -230,12 +270,25 @@ def ray_against_pool(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
               help="compare with FFCV's DatasetWriter instead (needs benchmarks/ffcv_setup.sh)")
 @click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="with --peer: a real raw tree (train/<wnid>/*) instead of the drawn one")
-def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_dir):
+@click.option("--profile", is_flag=True, help="CPU time per stage of one 1-worker make_shards run instead")
+def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_dir, profile):
     workers = workers or default_workers()
+    if profile:
+        with tempfile.TemporaryDirectory(prefix="bench_make_shards_profile_") as tmp:
+            if raw_dir is None:
+                raw_dir = Path(tmp) / "raw"
+                write_inputs(raw_dir, images, classes, seed)
+            result = profile_stages(raw_dir, Path(tmp))
+        click.echo(f"{result['images']} images, {result['cpu_s']} CPU s: {result['img_per_cpu_s']} img per CPU-second")
+        for stage, ms in result["ms_per_image"].items():
+            click.echo(f"  {ms:7.2f} ms/img  {stage}")
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=1) + "\n")
+        return
     if peer == "ffcv":
         return main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir)
     if raw_dir is not None:
-        raise click.UsageError("--raw goes with --peer ffcv")
+        raise click.UsageError("--raw goes with --peer ffcv or --profile")
     if with_ray:
         return main_ray(images, classes, workers, seed, rounds, json_path)
     with tempfile.TemporaryDirectory(prefix="bench_make_shards_") as tmp:
