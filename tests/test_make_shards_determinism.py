@@ -98,3 +98,45 @@ def test_resume_after_kill_9_gives_identical_bytes(raw, reference, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "1 shard(s) reused from an interrupted run" in rerun.stdout
     assert _tree_bytes(out) == _tree_bytes(reference)
+
+
+def _tarfile_shard(samples: list) -> tuple[bytes, bytes]:
+    """What `tarfile` writes for these samples with the shard metadata (the writer before issue 18),
+    and the DALI index of its members' offsets."""
+    from alexnet_fast.pipeline.shard_format import index_header, index_part, index_text
+
+    buf, rows = io.BytesIO(), []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            row = []
+            for ext, data in sample.components():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                    len(data), 0, 0o644, 0, 0, "", ""
+                offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                tar.addfile(info, io.BytesIO(data))
+                row += index_part(ext, offset, len(data), info.name)
+            rows.append(row)
+    return buf.getvalue(), index_text(index_header(len(samples)), rows).encode()
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 21])
+def test_tar_writer_matches_tarfile_byte_for_byte(count):
+    """build_shard forms the USTAR headers itself: the same bytes as tarfile, a member size on and
+    off the 512-byte blocks, a non-ASCII source, an archive ending on and off a 10240-byte record."""
+    import hashlib
+    import random
+
+    from alexnet_fast.tools.sharding.tarwriter import Sample, build_shard
+
+    rng = random.Random(count)
+    sizes = [0, 1, 511, 512, 513, 10240 - 3 * 512]
+    samples = [Sample(k * 7919, rng.randrange(1000), "n01440764", f"train/n01440764/é_{k}.JPEG",
+                      rng.randbytes(sizes[k] if k < len(sizes) else rng.randrange(1, 40000)), 256, 256, 500, 375)
+               for k in range(count)]
+    built = build_shard(samples)
+    tar_bytes, index = _tarfile_shard(samples)
+    assert built.tar == tar_bytes and built.index == index
+    assert built.sha256 == hashlib.sha256(tar_bytes).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(built.tar)) as tar:   # and tarfile reads it back
+        assert [m.name for m in tar][:4] == [f"0.{e}" for e in ("jpg", "cls", "lbl", "json")][:4 * count]
