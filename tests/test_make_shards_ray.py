@@ -15,6 +15,7 @@ local run's bytes and no temp file left.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,12 +25,17 @@ from pathlib import Path
 import pytest
 
 from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
-from conftest import SHARD_SET_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_SHARDS = [sys.executable, str(REPO / "tools" / "make_shards")]
 KILLPOINT = [sys.executable, str(REPO / "tests" / "reliability" / "killpoint.py")]
 QUIET = dict(progress=False, log=lambda msg: None)
+
+
+def options_of(shard_set: Path) -> ShardOptions:
+    """The options the session's `shard_set` was made with (its manifest records them)."""
+    args = json.loads((shard_set / "manifest.json").read_text())["created_by"]["args"]
+    return ShardOptions(**{k: v for k, v in args.items() if k != "raw"})
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -86,7 +92,7 @@ def _ray_run(raw: Path, out: Path, opts: ShardOptions):
 
 def test_ray_output_is_the_local_runs_bytes(ray_cluster, raw_imagenet, shard_set, tmp_path):
     out = tmp_path / "out"
-    report = _ray_run(raw_imagenet.root, out, SHARD_SET_OPTIONS)
+    report = _ray_run(raw_imagenet.root, out, options_of(shard_set))
     assert report.rejected > 0                      # the odd files were rejected on Ray workers...
     assert tree_bytes(out) == tree_bytes(shard_set)  # ...and listed exactly as locally, like every other byte
 
@@ -105,7 +111,7 @@ def test_a_killed_ray_worker_is_retried_and_the_bytes_are_the_same(ray_cluster, 
     (control / "armed").touch()
     try:
         out = tmp_path / "out"
-        _ray_run(raw_imagenet.root, out, SHARD_SET_OPTIONS)
+        _ray_run(raw_imagenet.root, out, options_of(shard_set))
     finally:
         (control / "armed").unlink()
     fired = (control / "fired").read_text()        # a worker really died mid-write...
@@ -113,9 +119,9 @@ def test_a_killed_ray_worker_is_retried_and_the_bytes_are_the_same(ray_cluster, 
     assert tree_bytes(out) == tree_bytes(shard_set)  # ...its task ran again; no temp file is left
 
 
-def _cli(raw: Path, out: Path, address: str) -> list[str]:
-    return [str(raw), str(out), "--per-shard", str(SHARD_SET_OPTIONS.per_shard), "--workers", "1", "--no-progress",
-            "--ray", address]
+def _cli(raw: Path, out: Path, opts: ShardOptions, address: str) -> list[str]:
+    assert opts == ShardOptions(per_shard=opts.per_shard)  # the other options are the CLI's defaults
+    return [str(raw), str(out), "--per-shard", str(opts.per_shard), "--workers", "1", "--no-progress", "--ray", address]
 
 
 def test_a_killed_driver_resumes_from_its_finished_shards(ray_cluster, raw_imagenet, shard_set, tmp_path):
@@ -123,12 +129,12 @@ def test_a_killed_driver_resumes_from_its_finished_shards(ray_cluster, raw_image
     out = tmp_path / "out"
     # SIGKILL the driver right after it recorded train shard 2 (killpoint.py: at that rename).
     killed = subprocess.run([*KILLPOINT, str(out), "--kill", ".make_shards/train-000002.json:after", "--",
-                             *MAKE_SHARDS[1:], *_cli(raw_imagenet.root, out, address)],
+                             *MAKE_SHARDS[1:], *_cli(raw_imagenet.root, out, options_of(shard_set), address)],
                             capture_output=True, text=True, timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "manifest.json").exists()
 
-    rerun = subprocess.run([*MAKE_SHARDS, *_cli(raw_imagenet.root, out, address)],
+    rerun = subprocess.run([*MAKE_SHARDS, *_cli(raw_imagenet.root, out, options_of(shard_set), address)],
                            capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "3 shard(s) reused from an interrupted run" in rerun.stdout
