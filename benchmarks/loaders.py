@@ -235,6 +235,9 @@ def _ratios(by_name: dict, layouts) -> dict:
         out["ffcv"] = {"img_per_s": rate[f"ffcv-{stock}"], "layout": stock}
         out["ratio_vs_ffcv"] = ratios[f"ffcv-{stock}"]
         out["ratios_vs_ffcv"] = ratios
+        # peer's CPU time per image / ours: what a loaded, shared machine distorts least
+        cpu = {name: s["cpu_ms_per_img"] for name, s in by_name.items()}
+        out["cpu_ratios_vs_ffcv"] = {peer: cpu[peer] / cpu["ours-" + peer.rsplit("-", 1)[1]] for peer in ratios}
     return out
 
 
@@ -247,7 +250,7 @@ def _print_summary(results: dict) -> None:
     if "ratio" in results:
         print(f"   ours / baseline (nchw): {results['ratio']:.2f}x")
     for peer, r in results.get("ratios_vs_ffcv", {}).items():
-        print(f"   ours / {peer}: {r:.2f}x")
+        print(f"   ours / {peer}: {r:.2f}x in img/s, {results['cpu_ratios_vs_ffcv'][peer]:.2f}x in CPU time per image")
 
 
 if __name__ == "__main__":

@@ -68,13 +68,17 @@ class LoaderSpec:
         return ROI_DECODE_DEFAULT[self.device] if self.roi_decode is None else self.roi_decode
 
 
-# ROI decoding per device when LoaderSpec.roi_decode is None. CPU: measured faster (benchmarks/
-# RESULTS.md, issue 17), identical pixels. CUDA: off until measured -- whether the A100/H100
+# ROI decoding per device when LoaderSpec.roi_decode is None. CPU: on -- identical pixels, and the
+# decode + normalize stages measured ~7% less CPU per image (0.54 vs 0.58 ms, overlapping ranges;
+# end to end no difference within the noise, benchmarks/RESULTS.md issue 17): libjpeg-turbo still
+# entropy-decodes the whole image and a 227 window of 256 skips only ~21% of the IDCT and colour
+# work. CUDA: off until measured -- whether the A100/H100
 # hardware JPEG decoder takes ROI requests or falls back to the slower CUDA path is not known here
 # (benchmarks/gpu_check.py measures both settings).
 ROI_DECODE_DEFAULT = {"cpu": True, "cuda": False}
 # The most a fast-IDCT pixel may differ from the exact decode, in 0..255 levels (measured max on
-# the test and benchmark images: 5; the bound leaves room for other image content).
+# the issue-17 benchmark images: 5, mean ~1 on the test images; the bound leaves room for other
+# image content). Measured no faster than the exact IDCT on the 2-core VM (libjpeg-turbo's SIMD).
 FAST_IDCT_MAX_LEVELS = 8
 
 
