@@ -184,14 +184,13 @@ def _damage(shard_set, tmp_path, split):
     """A copy of the shard set whose 3rd sample of the 2nd shard of `split` has a destroyed JPEG header."""
     import shutil
 
+    from reliability.faults import damage_jpeg
+
     copy = tmp_path / "damaged"
     shutil.copytree(shard_set, copy)
-    shard = ShardSet.open(copy).shards(split)[min(1, len(ShardSet.open(copy).shards(split)) - 1)]
-    line = shard.index.read_text().splitlines()[3].split()
-    offset, key = int(line[line.index("jpg") + 1]), line[3].split(".")[0]
-    with open(shard.tar, "r+b") as f:
-        f.seek(offset)
-        f.write(b"not a jpeg" * 20)
+    shards = ShardSet.open(copy).shards(split)
+    shard = shards[min(1, len(shards) - 1)]
+    key = damage_jpeg(shard.tar, shard.index, row=2)
     return copy, f"{shard.tar}:{key}", shard.tar.name, key
 
 

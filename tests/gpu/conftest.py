@@ -78,14 +78,12 @@ def gpu_shards(tmp_path_factory) -> Path:
 def damaged_gpu_shards(gpu_shards, tmp_path):
     """(copy of gpu_shards whose 3rd sample of the 2nd train shard has a destroyed JPEG header,
     "<tar>:<key>" of it, tar file name, key)."""
+    from reliability.faults import damage_jpeg
+
     from alexnet_fast.pipeline.shardset import ShardSet
 
     copy = tmp_path / "damaged"
     shutil.copytree(gpu_shards, copy)
     shard = ShardSet.open(copy).shards("train")[1]
-    line = shard.index.read_text().splitlines()[3].split()
-    offset, key = int(line[line.index("jpg") + 1]), line[3].split(".")[0]
-    with open(shard.tar, "r+b") as f:
-        f.seek(offset)
-        f.write(b"not a jpeg" * 20)
+    key = damage_jpeg(shard.tar, shard.index, row=2)
     return copy, f"{shard.tar}:{key}", shard.tar.name, key
