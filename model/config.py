@@ -51,8 +51,8 @@ class Recipe(str, Enum):
     FAST = "fast"
 
 
-# What `alexnet-fast train` starts from without --recipe: one that learns on the demo sample from
-# its first steps (measured: docs/recipes.md), unlike `paper`, whose init sits at loss log(C).
+# What `alexnet-fast train` starts from without --recipe: one that learns on the demo sample within
+# its first epoch (measured: docs/recipes.md), unlike `paper`, whose init sits at loss log(C).
 DEFAULT_RECIPE = Recipe.FAST
 
 
@@ -73,8 +73,9 @@ class TrainConfig:
                    choices=INIT_NAMES)
     # --- recipe
     recipe: str = _f("paper", "preset every other value starts from (`alexnet-fast recipes` shows them with their "
-                              "sources): paper = Krizhevsky et al. 2012 exactly (its init sits at loss log(C) for "
-                              "the first steps: measured on the demo sample, see docs/recipes.md), bvlc = BVLC "
+                              "sources): paper = Krizhevsky et al. 2012 exactly (its init sits at loss log(C): on "
+                              "the demo sample it jumps to 33, is back at log(C) by step 12 and at chance "
+                              "through step 40, docs/recipes.md), bvlc = BVLC "
                               "Caffe bvlc_alexnet, torchvision = torchvision's alexnet reference, fast = this "
                               "project's large-batch schedule", choices=tuple(r.value for r in Recipe))
     epochs: int = _f(90, "epochs to train")
@@ -302,8 +303,8 @@ RECIPES: dict[Recipe, dict[str, Sourced]] = {
     # decay, no decay on biases; the paper's lighting (it costs nothing: folded into the normalize).
     Recipe.FAST: {
         "arch": Sourced("alexnet-owt", "this project: torchvision's network, fewer FLOPs than alexnet2012, no LRN"),
-        "init": Sourced("kaiming", "this project: He et al. 2015 normal, zero head (learns from step 1 on "
-                                   "the demo sample: docs/recipes.md)"),
+        "init": Sourced("kaiming", "this project: He et al. 2015 normal, zero head (val top-1 55% after 15 "
+                                   "steps, 86% after 40 on the demo sample: docs/recipes.md)"),
         "normalize": Sourced("mean-std", "this project: unit-variance input for He init"),
         "lighting_std": Sourced(0.1, f"{_PAPER}, sec. 4.1"),
         "batch_size": Sourced(1024, "this project: 8x the paper's batch"),
