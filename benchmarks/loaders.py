@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from window_harness import Contender, WindowRule, interleave, serve  # noqa: E402  (stdlib only)
+from window_harness import Contender, WindowRule, interleave, output_problem, serve  # noqa: E402  (stdlib only)
 
 LAYOUTS = ("nchw", "nhwc")
 
@@ -88,12 +88,18 @@ def _our_batches(options: dict):
 
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 
-    options = dict(options, dtype=getattr(torch, options.get("dtype", "float32")))
-    loader = make_loader(LoaderSpec(**options))
-    epoch = 0
+    want = options.get("dtype", "float32")
+    spec = LoaderSpec(**dict(options, dtype=getattr(torch, want)))
+    loader = make_loader(spec)
+    epoch, checked = 0, False
     while True:
         loader.set_epoch(epoch)
         for x, _ in loader:
+            if not checked:       # the same output as every other contender, or no comparison
+                problem = output_problem(x.shape, x.stride(), str(x.dtype), "nhwc" if spec.channels_last else "nchw", want)
+                if problem:
+                    raise SystemExit(f"ours: {problem}")
+                checked = True
             yield x.shape[0]
         epoch += 1
 

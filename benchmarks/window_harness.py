@@ -57,6 +57,17 @@ def process_cpu_seconds() -> float:
     return sum(cpu.get(pid, 0.0) for pid in tree)
 
 
+def output_problem(shape: tuple, stride: tuple, dtype: str, layout: str, want_dtype: str, crop: int = 227) -> str | None:
+    """Why a contender's batch is not [B, 3, crop, crop] of `want_dtype` in `layout` memory order
+    (nchw: contiguous; nhwc: channels_last strides), or None: every contender must hand out the same."""
+    batch = shape[0]
+    strides = {"nchw": (3 * crop * crop, crop * crop, crop, 1), "nhwc": (3 * crop * crop, 1, 3 * crop, 3)}[layout]
+    if tuple(shape) != (batch, 3, crop, crop) or tuple(stride) != strides or not dtype.endswith(want_dtype):
+        return (f"output is shape {tuple(shape)} strides {tuple(stride)} {dtype}, not [B, 3, {crop}, {crop}] "
+                f"{want_dtype} {layout}")
+    return None
+
+
 def run_window(batches: Iterator[int], rule: WindowRule, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Take batches (each item: its image count) until `rule` is met; the rate over exactly those."""
     cpu0, start = process_cpu_seconds(), clock()

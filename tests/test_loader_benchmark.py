@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from window_harness import Contender, WindowRule, interleave, run_window, summarize  # noqa: E402
+from window_harness import Contender, WindowRule, interleave, output_problem, run_window, summarize  # noqa: E402
 
 # A contender whose batches take `delay` seconds each; it logs each window's start to `log`.
 CHILD = """
@@ -63,3 +63,15 @@ def test_contenders_alternate_in_child_processes_and_the_faster_one_measures_fas
 def test_a_contender_that_dies_is_named_in_one_line():
     with pytest.raises(RuntimeError, match=r"^broken: the benchmark process ended \(exit 3\) without a result"):
         Contender("broken", [sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_every_contender_must_hand_out_the_same_dtype_and_layout():
+    import torch
+
+    nchw = torch.zeros(4, 3, 227, 227)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert output_problem(nchw.shape, nchw.stride(), str(nchw.dtype), "nchw", "float32") is None
+    assert output_problem(nhwc.shape, nhwc.stride(), str(nhwc.dtype), "nhwc", "float32") is None
+    assert "nchw" in output_problem(nhwc.shape, nhwc.stride(), str(nhwc.dtype), "nchw", "float32")
+    assert output_problem(nchw.shape, nchw.stride(), "torch.float16", "nchw", "float32")
+    assert output_problem((4, 227, 227, 3), (3 * 227 * 227, 3 * 227, 3, 1), "torch.float32", "nhwc", "float32")
