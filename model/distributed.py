@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -88,12 +89,22 @@ def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str
         if ctx.is_distributed and lost_contact(e):
             # Another rank died (SIGKILL, out of memory, its node went away): the collective this
             # rank waited in failed. Under a multi-node torchrun this rank's node knows nothing
-            # else about it, so say so in one line rather than a traceback of the DDP hook.
-            exit_failed(f"rank {ctx.rank}: lost contact with another rank ({transport_reason(e)}): a process of "
+            # else about it, so say so in one line rather than a traceback of the DDP hook. First
+            # give the launcher a moment to see the rank that failed first-hand: the launcher
+            # reports the failures it sees at one poll, and this rank's consequence must not be
+            # the only one there (it stops this process meanwhile, which is what should happen).
+            time.sleep(LOST_CONTACT_GRACE_S)
+            exit_failed(f"rank {ctx.rank}: {LOST_CONTACT} ({transport_reason(e)}): a process of "
                         "this run died or its node went away; that node's log says why")
         raise
     finally:
         teardown()
+
+
+# How a rank reports that a peer is gone: a consequence, never the cause (tools/common.worker_failure
+# names the rank that failed first-hand when there is one).
+LOST_CONTACT = "lost contact with another rank"
+LOST_CONTACT_GRACE_S = 3.0      # vs the launcher's 0.2 s monitor interval (launch())
 
 
 def lost_contact(error: BaseException) -> bool:

@@ -31,6 +31,7 @@ def _rank(rank: int, store_path: str, out: dict) -> None:
         result = train_one_epoch(engine, batches, state, world_size=2, log_every=100, hooks=hooks)
         hooks.stop_agreement.drain()
         out[(rank, every, request_at)] = (result.outcome.value, state.step)
+    dist.barrier()              # neither process leaves while the other still talks to it
     dist.destroy_process_group()
 
 

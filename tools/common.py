@@ -100,10 +100,17 @@ def worker_failure(error, what: str, hint: str = "") -> click.ClickException:
     killer's SIGKILL, a scheduler) wrote nothing, so the signal is named here."""
     if not error.failures:
         return click.ClickException(f"a {what} worker failed{hint}")
-    # A rank killed by a signal is the cause; the others may have failed after it, having lost
-    # contact with it (model.distributed.lost_contact): name the killed one.
+    from alexnet_fast.model.distributed import LOST_CONTACT
+
+    # The cause is a rank killed by a signal, else a rank that failed first-hand (a corrupt sample,
+    # a failed write); the others may have failed after it, having lost contact with it
+    # (model.distributed.lost_contact): name the cause, not a consequence.
+    def first_hand(failure) -> bool:
+        return not (isinstance(failure.message, str) and LOST_CONTACT in failure.message)
+
     killed = {r: f for r, f in error.failures.items() if f.exitcode is not None and f.exitcode < 0}
-    rank, failure = min((killed or error.failures).items())
+    causes = {r: f for r, f in error.failures.items() if first_hand(f)}
+    rank, failure = min((killed or causes or error.failures).items())
     if failure.exitcode is not None and failure.exitcode < 0:
         name = failure.signal_name()
         cause = f"was killed by {name}" + (" (the out-of-memory killer sends that)" if name == "SIGKILL" else "")
