@@ -89,11 +89,14 @@ def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str
         if ctx.is_distributed and lost_contact(e):
             # Another rank died (SIGKILL, out of memory, its node went away): the collective this
             # rank waited in failed. Under a multi-node torchrun this rank's node knows nothing
-            # else about it, so say so in one line rather than a traceback of the DDP hook. First
-            # give the launcher a moment to see the rank that failed first-hand: the launcher
+            # else about it, so say so in one line rather than a traceback of the DDP hook. Under
+            # our own launcher, first give it a moment to see the rank that failed first-hand: it
             # reports the failures it sees at one poll, and this rank's consequence must not be
             # the only one there (it stops this process meanwhile, which is what should happen).
-            time.sleep(LOST_CONTACT_GRACE_S)
+            # Under an outer torchrun, say it at once: this node's agent may go down with the
+            # rendezvous store of the dead rank's node, taking this process and its line along.
+            if os.environ.get(SELF_LAUNCHED):
+                time.sleep(LOST_CONTACT_GRACE_S)
             exit_failed(f"rank {ctx.rank}: {LOST_CONTACT} ({transport_reason(e)}): a process of "
                         "this run died or its node went away; that node's log says why")
         raise
@@ -193,14 +196,23 @@ def launch(entrypoint: Callable[..., Any], nproc: int, args: tuple = ()) -> dict
     # resource tracker, which then warns about the "leak" at exit; it inherits -W options from here.
     if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    os.environ[SELF_LAUNCHED] = "1"      # the workers inherit it: our command reports their errors
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
         run_id=f"alexnet-fast-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
         max_restarts=0, monitor_interval=0.2, start_method="spawn",
     )
-    return elastic_launch(config, entrypoint)(*args)
+    # The workers inherit it (our command reports their errors); set only while they are started
+    # and run, so a process that launched once (a test) does not pass it on to an outer torchrun
+    previous = os.environ.get(SELF_LAUNCHED)
+    os.environ[SELF_LAUNCHED] = "1"
+    try:
+        return elastic_launch(config, entrypoint)(*args)
+    finally:
+        if previous is None:
+            os.environ.pop(SELF_LAUNCHED, None)
+        else:
+            os.environ[SELF_LAUNCHED] = previous
 
 
 def exit_failed(message: str) -> None:
