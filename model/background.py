@@ -45,10 +45,6 @@ class Background:
             raise error
         return waited
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def _run(self, job: Callable[[], None]) -> None:
         started = time.perf_counter()
         try:

@@ -255,17 +255,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, grad_compression: str = "none")
     return ddp
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain network inside DDP and/or torch.compile wrappers (what checkpoints hold)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
