@@ -24,8 +24,8 @@ there is no catastrophic cancellation either.
 Two ways to the same file: `compute_stats` decodes the stored JPEGs back out of the train shards
 (`alexnet-fast stats`); make_shards gets the same moments in its conversion pass instead
 (`image_moments` of each stored JPEG right after encoding it, summed per shard in its resume
-sidecar, then `stats_from_moments`), without reading the shards again. Same decoder, same integer
-sums: the same bytes.
+sidecar, then `stats_from_moments`), without reading the shards again. Same decoder (`decode_rgb`),
+same integer sums: the same bytes.
 
 Eigenvector signs are fixed (each column's largest-magnitude component is positive) so that the
 file does not depend on the LAPACK build's sign choice.
@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 import numba
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from alexnet_fast.pipeline.procpool import fork_pool
@@ -90,7 +91,15 @@ def _add_pixel_moments(rgb: np.ndarray, acc: np.ndarray) -> None:
 
 
 def decode_rgb(data: bytes, where: str) -> np.ndarray:
-    """A JPEG's pixels as uint8 HxWx3 (RGB), or StatsError naming `where`."""
+    """A JPEG's pixels as uint8 HxWx3 (RGB), or StatsError naming `where`.
+
+    libjpeg-turbo through simplejpeg (half the CPU of Pillow's decode of a 256x256 JPEG), with
+    Pillow as the fallback for what simplejpeg refuses: both run libjpeg-turbo's exact integer IDCT
+    and fancy upsampling, so the pixels are the same (tests/test_stats.py compares them)."""
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        pass    # not a clean baseline/progressive JPEG: Pillow decodes it or names the problem
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -4,14 +4,25 @@ Stored image: shorter side resized to `size` and the centre `size`x`size` square
 paper's preprocessing), or the whole image at shorter side `size` with `keep_aspect`; always a
 baseline RGB JPEG. Anything that cannot be read or decoded raises RejectedImage with the reason.
 
-Very large photos: Pillow refuses to open an image over its decompression-bomb limit
-(2 x Image.MAX_IMAGE_PIXELS, ~179 megapixels; it warns above ~89). A JPEG that large is still kept:
-it is decoded with draft (DCT-scaled) decoding at 1/8 of its size, never below the stored size, so a
-192-megapixel photo costs 3 megapixels of memory. Other formats cannot decode at reduced scale and
-are rejected with their pixel count and the limit.
+The primitives (measured per stage in benchmarks/RESULTS.md, issue 18):
+* decode: a YCbCr or greyscale JPEG goes to libjpeg-turbo through simplejpeg, DCT-scaled by 1/2, 1/4
+  or 1/8 where that stays at or above the stored size (the same pixels as Pillow's `draft`, without
+  Pillow's per-image Python); every other file, and any JPEG simplejpeg refuses (CMYK, warnings such
+  as extra bytes, truncation), goes to Pillow, whose message names the problem when it fails too.
+* resize: antialiased bilinear on uint8 pixels by torch (`interpolate(antialias=True)`: the filter
+  of Pillow's BILINEAR, within one level of it, ~3x faster here); one thread per process, since
+  make_shards runs one converter per core.
+* encode: Pillow's libjpeg-turbo, baseline, quality `quality`, 4:2:0.
+`CONVERTER` names this recipe and the libraries' versions in the job fingerprint, so a resume never mixes shards of two recipes.
+
+Very large photos: a JPEG over Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179
+megapixels) is still kept: decoded at 1/8 of its size, never below the stored size, a 192-megapixel
+photo costs 3 megapixels of memory. Other formats cannot decode at reduced scale and are rejected
+with their pixel count and the limit.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -19,14 +30,26 @@ import stat
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import PIL
+import simplejpeg
+import torch
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from alexnet_fast.pipeline.stats import image_moments
 from alexnet_fast.tools.sharding.errors import RejectedImage
 from alexnet_fast.tools.sharding.layout import RawItem
 
-# Bilinear with Pillow's antialiasing support; the benchmark's baseline loop uses the same filter.
+# What decides the stored pixels besides ImageOptions, with the versions of the libraries that do
+# the work: part of the job fingerprint (manifest.py) and recorded in manifest.json.
+CONVERTER = (f"2: simplejpeg {simplejpeg.__version__} / Pillow {PIL.__version__} decode with power-of-2 DCT "
+             f"scaling, torch {torch.__version__.split('+')[0]} antialiased bilinear, Pillow JPEG")
+
+# Pillow's filter, kept for the benchmark's baseline loop (benchmarks/make_shards.py).
 RESAMPLE = Image.Resampling.BILINEAR
+
+# JPEG colour spaces simplejpeg decodes to the RGB Pillow would give; others (CMYK, YCCK) go to Pillow.
+_SIMPLEJPEG_SPACES = {"YCbCr", "Gray"}
 
 
 @dataclass(frozen=True)
@@ -79,12 +102,55 @@ def _target_size(w: int, h: int, size: int) -> tuple[int, int]:
     return max(1, round(w * size / h)), size
 
 
+def _draft_scale(w: int, h: int, tw: int, th: int) -> int:
+    """Pillow's `draft` rule: the largest of 1, 2, 4, 8 that divides (w, h) without going below (tw, th)."""
+    scale = min(w // tw, h // th)
+    return 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
+
+
 def convert_image(data: bytes, opts: ImageOptions, *, moments: bool = False) -> Converted:
     """The stored image of one raw file (RejectedImage if there is none); with `moments`, also the
     statistics' moment vector of the stored JPEG as any reader decodes it (not of the pixels before
     encoding: stats.json describes what training reads)."""
     if not data:
         raise RejectedImage("empty file")
+    pixels, orig_w, orig_h = _decode_jpeg(data, opts.size) or _decode_with_pillow(data, opts.size)
+    tw, th = _target_size(orig_w, orig_h, opts.size)
+    out = _resize(pixels, (th, tw) if opts.keep_aspect else (opts.size, opts.size), crop_square=not opts.keep_aspect)
+    try:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, "JPEG", quality=opts.quality, progressive=False, optimize=False)
+    except Exception as e:  # noqa: BLE001 - an encoder failure is this image's, not the run's
+        raise RejectedImage(f"cannot encode: {_describe(e)}") from None
+    jpeg = buf.getvalue()
+    return Converted(jpeg, out.shape[1], out.shape[0], orig_w, orig_h,
+                     image_moments(jpeg, "stored image") if moments else None)
+
+
+def _decode_jpeg(data: bytes, size: int) -> tuple[np.ndarray, int, int] | None:
+    """(RGB pixels, original width, height) of a YCbCr or greyscale JPEG, DCT-scaled like Pillow's
+    draft; None for anything else simplejpeg does not decode cleanly (Pillow then decides)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in _SIMPLEJPEG_SPACES or w < 1 or h < 1:
+        return None
+    scale = _draft_scale(w, h, *_target_size(w, h, size))
+    dw, dh = -(-w // scale), -(-h // scale)
+    if dw * dh > _pixel_limit():
+        raise RejectedImage(f"too large to decode: {w}x{h} decodes to {dw}x{dh} even at reduced scale, "
+                            f"over Pillow's limit of {_pixel_limit()} pixels")
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=dw, min_height=dh), w, h
+    except ValueError:
+        return None
+
+
+def _decode_with_pillow(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
+    """(RGB pixels, original width, height) by Pillow: any format it knows, any mode, JPEGs drafted."""
     # Pillow raises many exception types on hostile bytes (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...): every one of them means "not a usable image".
     try:
@@ -99,35 +165,53 @@ def convert_image(data: bytes, opts: ImageOptions, *, moments: bool = False) -> 
         orig_w, orig_h = im.size
         if orig_w < 1 or orig_h < 1:
             raise RejectedImage(f"image has no pixels ({orig_w}x{orig_h})")
-        tw, th = _target_size(orig_w, orig_h, opts.size)
         if im.format == "JPEG":
-            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding, never below the target:
-            # most of the decode cost of a large JPEG disappears.
-            im.draft("RGB", (tw, th))
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding, never below the target.
+            im.draft("RGB", _target_size(orig_w, orig_h, size))
         if im.size[0] * im.size[1] > _pixel_limit():   # what a huge JPEG still decodes to
             raise RejectedImage(f"too large to decode: {orig_w}x{orig_h} decodes to {im.size[0]}x{im.size[1]} "
                                 f"even at reduced scale, over Pillow's limit of {_pixel_limit()} pixels")
         im.load()
         if im.mode != "RGB":  # CMYK, L, P, RGBA, I;16 ...: all stored as RGB
             im = im.convert("RGB")
-        dw, dh = im.size  # after draft
-        if opts.keep_aspect:
-            out = im.resize((tw, th), RESAMPLE)
-        else:
-            # Crop box of the centre square in the (drafted) source, resized in one pass: the same
-            # result as resize-then-crop, without resampling pixels that would be cut off.
-            side = min(dw, dh)
-            left, top = (dw - side) / 2, (dh - side) / 2
-            out = im.resize((opts.size, opts.size), RESAMPLE, box=(left, top, left + side, top + side))
-        buf = io.BytesIO()
-        out.save(buf, "JPEG", quality=opts.quality, progressive=False, optimize=False)
+        return np.asarray(im), orig_w, orig_h
     except RejectedImage:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces only at load()
         raise RejectedImage(f"cannot decode: {_describe(e)}") from None
-    jpeg = buf.getvalue()
-    return Converted(jpeg, out.size[0], out.size[1], orig_w, orig_h,
-                     image_moments(jpeg, "stored image") if moments else None)
+
+
+def _resize(pixels: np.ndarray, out_hw: tuple[int, int], crop_square: bool) -> np.ndarray:
+    """HxWx3 uint8 -> out_hw, antialiased bilinear; with `crop_square`, of the centre square (whole
+    pixels; a half-pixel offset is rounded down) rather than the whole image."""
+    h, w = pixels.shape[:2]
+    if crop_square:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        pixels = pixels[top:top + side, left:left + side]
+    if pixels.shape[:2] == out_hw:
+        return np.ascontiguousarray(pixels)
+    if not pixels.flags.writeable:      # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
+        pixels = pixels.copy()
+    with _one_thread():
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)     # NCHW view of HWC: channels_last
+        y = torch.nn.functional.interpolate(x, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread for one resize: make_shards already runs one converter per core, and an
+    OpenMP team per 0.4-ms resize costs more than it saves. The caller's setting is put back."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pixel_limit() -> int:
@@ -137,7 +221,7 @@ def _pixel_limit() -> int:
 
 def _open(data: bytes) -> Image.Image:
     """Image.open, except that a JPEG over Pillow's decompression-bomb limit is opened anyway (its
-    header only: convert_image drafts it to a small scale before anything is decoded); any other
+    header only: the caller drafts it to a small scale before anything is decoded); any other
     format over the limit is a RejectedImage naming its size and the limit."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

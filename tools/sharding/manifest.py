@@ -1,7 +1,7 @@
 """manifest.json (schema in alexnet_fast.pipeline.shardset) and the job fingerprint.
 
 The fingerprint hashes everything that determines the output bytes (RAW, the file list, the
-options; not the worker count), so a rerun can tell its own half-finished work from a different job's.
+options, the conversion recipe `convert.CONVERTER`; not the worker count), so a rerun can tell its own half-finished work from a different job's.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alexnet_fast.pipeline.shardset import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from alexnet_fast.tools.sharding.convert import CONVERTER
 from alexnet_fast.tools.sharding.files import atomic_write_bytes
 from alexnet_fast.tools.sharding.layout import Discovery, Rejection
 
@@ -27,6 +28,7 @@ class ShardRecord:
 
 def job_fingerprint(discovery: Discovery, args: dict) -> str:
     digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+    digest.update(CONVERTER.encode())  # new primitives, new pixels: never resumed into an older run's shards
     digest.update("\n".join(discovery.classes).encode())
     for split, items in (("train", discovery.train), ("val", discovery.val)):
         for item in items:
@@ -53,6 +55,7 @@ def build_manifest(
         "created_by": {
             "tool": "make_shards",
             "args": args,
+            "converter": CONVERTER,
             "layouts": {"train": discovery.train_layout.value, "val": discovery.val_layout.value},
             "val_labels": discovery.val_labels,
             "fingerprint": fingerprint,
