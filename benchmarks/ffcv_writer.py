@@ -8,7 +8,8 @@ torchvision ImageFolder): every `RAW/train/<wnid>/*` file in sorted order, read 
 (`Image.open(path).convert("RGB")`, label = the wnid's sorted position), written by
 `DatasetWriter(..., num_workers=W)` with `RGBImageField(write_mode="jpg", max_resolution=256,
 jpeg_quality=90)` (OpenCV INTER_AREA resize so the LONGER side is at most 256, OpenCV JPEG encode)
-and `IntField()`. Timed in-process around the writer alone (imports and interpreter start are not
+and `IntField()`. Timed (wall clock, and the CPU time of the process and its joined workers)
+in-process around the writer alone (imports and interpreter start are not
 charged); the work it did is reported beside the time so the comparison can be judged: stored
 pixels (FFCV keeps e.g. 256x192 for a 500x375 photo; make_shards keeps a 256x256 centre crop of the
 shorter side at 256) and the .beton's size. One JSON line on stdout.
@@ -21,6 +22,11 @@ import os
 import sys
 import time
 from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from window_harness import finished_cpu_seconds  # noqa: E402  (stdlib only)
 
 
 def raw_train_files(raw: Path) -> list[tuple[Path, int]]:
@@ -69,17 +75,19 @@ def main() -> None:
     }, num_workers=args.workers)
     devnull = open(os.devnull, "w")
     stderr, sys.stderr = sys.stderr, devnull       # its tqdm bar
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), finished_cpu_seconds()
     try:
         writer.from_indexed_dataset(Items(), chunksize=args.chunksize)
     finally:
         seconds = time.perf_counter() - started
+        cpu_seconds = finished_cpu_seconds() - cpu_started     # its worker processes are joined by now
         sys.stderr = stderr
     # What it stored: the per-sample metadata FFCV wrote (height, width of each stored image).
     from ffcv.reader import Reader
     meta = Reader(str(args.beton), custom_handlers={"image": RGBImageField}).metadata
     pixels = int(np.sum(meta["f0"]["height"].astype(np.int64) * meta["f0"]["width"].astype(np.int64)))
     print(json.dumps({"images": len(files), "seconds": seconds, "img_per_s": len(files) / seconds,
+                      "cpu_seconds": cpu_seconds,
                       "stored_pixels": pixels, "output_bytes": args.beton.stat().st_size,
                       "workers": args.workers}), flush=True)
 

@@ -28,22 +28,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from window_harness import Contender, WindowRule, interleave, output_problem, serve  # noqa: E402  (stdlib only)
+from window_harness import Contender, WindowRule, finished_cpu_seconds, interleave, output_problem, serve  # noqa: E402  (stdlib only)
 
 LAYOUTS = ("nchw", "nhwc")
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (DALI's threads included) and its finished children (DataLoader workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def measure(spec, batches: int, warmup: int) -> dict:
@@ -56,7 +49,7 @@ def measure(spec, batches: int, warmup: int) -> dict:
 
     from alexnet_fast.pipeline.loaders import make_loader
 
-    cpu_start = cpu_seconds()
+    cpu_start = finished_cpu_seconds()
     loader = make_loader(spec)
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     images, epoch, start, seen = 0, 0, None, 0
@@ -76,7 +69,7 @@ def measure(spec, batches: int, warmup: int) -> dict:
     seconds = time.perf_counter() - start
     del loader
     gc.collect()
-    cpu_ms = 1000 * (cpu_seconds() - cpu_start) / (seen * spec.batch_size)
+    cpu_ms = 1000 * (finished_cpu_seconds() - cpu_start) / (seen * spec.batch_size)
     return {"img_per_s": images / seconds, "images": images, "seconds": seconds, "epochs_touched": epoch,
             "cpu_ms_per_img": cpu_ms}
 

@@ -34,6 +34,13 @@ class WindowRule:
     min_batches: int = 200         # ... and hands out at least this many batches
 
 
+def finished_cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its children that have exited and been
+    waited for (a finished pool's workers): around a job whose pools end with it, its whole CPU cost."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def process_cpu_seconds() -> float:
     """CPU time of this process, all its threads (DALI's, FFCV's numba workers) and its live child
     processes (a DataLoader's workers) included; on Linux from /proc, elsewhere this process only."""

@@ -23,17 +23,17 @@ with their pixel count and the limit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
 import stat
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version as _version
 
 import numpy as np
-import PIL
 import simplejpeg
-import torch
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from alexnet_fast.pipeline.stats import image_moments
@@ -42,8 +42,8 @@ from alexnet_fast.tools.sharding.layout import RawItem
 
 # What decides the stored pixels besides ImageOptions, with the versions of the libraries that do
 # the work: part of the job fingerprint (manifest.py) and recorded in manifest.json.
-CONVERTER = (f"2: simplejpeg {simplejpeg.__version__} / Pillow {PIL.__version__} decode with power-of-2 DCT "
-             f"scaling, torch {torch.__version__.split('+')[0]} antialiased bilinear, Pillow JPEG")
+CONVERTER = (f"2: simplejpeg {_version('simplejpeg')} / Pillow {_version('pillow')} decode with power-of-2 DCT "
+             f"scaling, torch {_version('torch').split('+')[0]} antialiased bilinear, Pillow JPEG")
 
 # Pillow's filter, kept for the benchmark's baseline loop (benchmarks/make_shards.py).
 RESAMPLE = Image.Resampling.BILINEAR
@@ -193,14 +193,28 @@ def _resize(pixels: np.ndarray, out_hw: tuple[int, int], crop_square: bool) -> n
         return np.ascontiguousarray(pixels)
     if not pixels.flags.writeable:      # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
         pixels = pixels.copy()
-    with _one_thread():
+    torch = _torch()
+    with _one_thread(torch):
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)     # NCHW view of HWC: channels_last
         y = torch.nn.functional.interpolate(x, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
 
 
+def warm_up() -> None:
+    """Import torch (~2 CPU-s) now, before a pool forks, so that its workers inherit it rather than
+    each import it; until then make_shards' quick paths (--help, a bad RAW, an up-to-date OUT) skip it."""
+    _torch()
+
+
+@functools.cache
+def _torch():
+    import torch
+
+    return torch
+
+
 @contextlib.contextmanager
-def _one_thread():
+def _one_thread(torch):
     """torch on one thread for one resize: make_shards already runs one converter per core, and an
     OpenMP team per 0.4-ms resize costs more than it saves. The caller's setting is put back."""
     threads = torch.get_num_threads()

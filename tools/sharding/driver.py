@@ -26,6 +26,7 @@ from alexnet_fast.pipeline.stats import warm_up as stats_warm_up
 from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import ImageOptions
+from alexnet_fast.tools.sharding.convert import warm_up as convert_warm_up
 from alexnet_fast.tools.sharding.errors import ShardingError
 from alexnet_fast.tools.sharding.layout import Discovery, RawItem, discover
 from alexnet_fast.tools.sharding.local_executor import LocalExecutor
@@ -220,6 +221,7 @@ def make_shards(
                          {split: resume.reusable_prefix(out, split, fingerprint) for split in SPLITS},
                          stats_in_pass=opts.stats_images is None)
         stats_warm_up()  # the moments kernel compiled before the pool forks
+        convert_warm_up()  # and torch imported once, not by every worker
         if plan.reused:
             log(f"resuming: reusing {plan.reused} finished shard(s)")
         with _progress_bar(len(plan.todo), progress) as advance:
