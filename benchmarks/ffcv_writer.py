@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -80,7 +81,11 @@ def main() -> None:
         writer.from_indexed_dataset(Items(), chunksize=args.chunksize)
     finally:
         seconds = time.perf_counter() - started
-        cpu_seconds = finished_cpu_seconds() - cpu_started     # its worker processes are joined by now
+        # FFCV leaves its worker processes to exit on their own (joined at interpreter exit): join
+        # them here, so that their CPU time is counted.
+        for worker in multiprocessing.active_children():
+            worker.join()
+        cpu_seconds = finished_cpu_seconds() - cpu_started
         sys.stderr = stderr
     # What it stored: the per-sample metadata FFCV wrote (height, width of each stored image).
     from ffcv.reader import Reader

@@ -12,7 +12,8 @@ The primitives (measured per stage in benchmarks/RESULTS.md, issue 18):
 * resize: antialiased bilinear on uint8 pixels by torch (`interpolate(antialias=True)`: the filter
   of Pillow's BILINEAR, within one level of it, ~3x faster here); one thread per process, since
   make_shards runs one converter per core.
-* encode: Pillow's libjpeg-turbo, baseline, quality `quality`, 4:2:0.
+* encode: libjpeg-turbo through simplejpeg, baseline, quality `quality`, 4:2:0 (as Pillow's default
+  at this quality), ~30% less CPU than through Pillow.
 `CONVERTER` names this recipe and the libraries' versions in the job fingerprint, so a resume never mixes shards of two recipes.
 
 Very large photos: a JPEG over Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179
@@ -43,7 +44,7 @@ from alexnet_fast.tools.sharding.layout import RawItem
 # What decides the stored pixels besides ImageOptions, with the versions of the libraries that do
 # the work: part of the job fingerprint (manifest.py) and recorded in manifest.json.
 CONVERTER = (f"2: simplejpeg {_version('simplejpeg')} / Pillow {_version('pillow')} decode with power-of-2 DCT "
-             f"scaling, torch {_version('torch').split('+')[0]} antialiased bilinear, Pillow JPEG")
+             f"scaling, torch {_version('torch').split('+')[0]} antialiased bilinear, simplejpeg q/4:2:0 encode")
 
 # Pillow's filter, kept for the benchmark's baseline loop (benchmarks/make_shards.py).
 RESAMPLE = Image.Resampling.BILINEAR
@@ -118,11 +119,9 @@ def convert_image(data: bytes, opts: ImageOptions, *, moments: bool = False) -> 
     tw, th = _target_size(orig_w, orig_h, opts.size)
     out = _resize(pixels, (th, tw) if opts.keep_aspect else (opts.size, opts.size), crop_square=not opts.keep_aspect)
     try:
-        buf = io.BytesIO()
-        Image.fromarray(out).save(buf, "JPEG", quality=opts.quality, progressive=False, optimize=False)
-    except Exception as e:  # noqa: BLE001 - an encoder failure is this image's, not the run's
+        jpeg = simplejpeg.encode_jpeg(out, quality=opts.quality, colorspace="RGB", colorsubsampling="420")
+    except ValueError as e:  # an encoder failure is this image's, not the run's
         raise RejectedImage(f"cannot encode: {_describe(e)}") from None
-    jpeg = buf.getvalue()
     return Converted(jpeg, out.shape[1], out.shape[0], orig_w, orig_h,
                      image_moments(jpeg, "stored image") if moments else None)
 
