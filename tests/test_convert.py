@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alexnet_fast.pipeline.stats import decode_rgb
@@ -68,6 +69,21 @@ def test_resize_is_within_one_level_of_pillow_bilinear(w, h):
     diff = np.abs(ours.astype(int) - pillows.astype(int))
     assert ours.shape == (256, 256, 3) and ours.dtype == np.uint8
     assert diff.max() <= 1 and (diff > 0).mean() < 0.05
+
+
+@pytest.mark.parametrize("w,h,keep_aspect", [(500, 375, False), (353, 500, False), (500, 375, True), (200, 150, True)])
+def test_resize_is_torchs_interpolate_exactly(w, h, keep_aspect):
+    """The direct call into the kernel (for its HWC output) gives F.interpolate's pixels."""
+    pixels = np.array(photo(w, h, seed=3))
+    out_hw = convert._target_size(w, h, 256)[::-1] if keep_aspect else (256, 256)
+    ours = convert._resize(pixels, out_hw, crop_square=not keep_aspect)
+    if not keep_aspect:
+        side = min(w, h)
+        pixels = pixels[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
+    reference = torch.nn.functional.interpolate(x, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+    assert ours.shape == (*out_hw, 3) and ours.flags.c_contiguous
+    assert np.array_equal(ours, reference[0].permute(1, 2, 0).numpy())
 
 
 def test_keep_aspect_keeps_the_whole_image_at_the_shorter_side():
