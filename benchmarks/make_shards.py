@@ -24,7 +24,8 @@ charged to the runs: it is paid once per job, not per image. Target: Ray's time 
 With --peer ffcv: FFCV 1.0.2's DatasetWriter (benchmarks/ffcv_writer.py, run in FFCV's venv from
 benchmarks/ffcv_setup.sh) against the whole make_shards command (statistics of every train image
 included, its default) on the same raw tree (`--raw DIR`: a real `train/<wnid>/*` tree instead of
-the drawn one) with the same worker count, in interleaved rounds (order alternating), medians
+the drawn one; `--inputs typical` draws ImageNet's usual 500 x 333-375 shape with photo-like
+noise, ~110 KB files, instead of the default size mix) with the same worker count, in interleaved rounds (order alternating), medians
 compared. Both are timed in-process around the work (no interpreter start or imports on either
 side). The work each did is reported with the times: FFCV stores the longer side at <= 256 (about
 0.75x the pixels of our 256x256 centre crop) and writes no statistics. Target: ours/FFCV >= 1.2.
@@ -64,7 +65,22 @@ def imagenet_like_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long, short) if rng.random() < 0.7 else (short, long)
 
 
-def write_inputs(root: Path, images: int, classes: int, seed: int) -> list[Path]:
+# Photo-like entropy for --inputs typical: per-pixel noise of this std (levels) on the drawn image
+# brings a quality-90 500x375 JPEG to ~105 KB, about ImageNet's mean file (~110 KB); the plain drawn
+# images are smoother (~0.39 bytes per pixel) and decode faster than photos.
+PHOTO_NOISE = 18.0
+INPUT_KINDS = ("mix", "typical")
+
+
+def typical_size(rng: np.random.Generator) -> tuple[int, int]:
+    """ImageNet's most common shape: 500 on the long side, 333-375 on the short one."""
+    short = int(rng.integers(333, 376))
+    return (500, short) if rng.random() < 0.8 else (short, 500)
+
+
+def write_inputs(root: Path, images: int, classes: int, seed: int, kind: str = "mix") -> list[Path]:
+    """`mix`: ImageNet-like sizes (imagenet_like_size), smooth drawn content; `typical`: 500 x 333-375
+    with photo-like noise (PHOTO_NOISE), ImageNet's typical shape and file size."""
     rng = np.random.default_rng(seed)
     wnids = class_wnids(classes)
     paths = []
@@ -72,7 +88,12 @@ def write_inputs(root: Path, images: int, classes: int, seed: int) -> list[Path]
         c = i % classes
         path = root / "train" / wnids[c] / f"{wnids[c]}_{i}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
-        draw_image(c, classes, rng, size=imagenet_like_size(rng)).save(path, "JPEG", quality=90)
+        if kind == "typical":
+            pixels = np.asarray(draw_image(c, classes, rng, size=typical_size(rng)), dtype=np.float32)
+            noisy = np.clip(pixels + rng.normal(0, PHOTO_NOISE, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(path, "JPEG", quality=90)
+        else:
+            draw_image(c, classes, rng, size=imagenet_like_size(rng)).save(path, "JPEG", quality=90)
         paths.append(path)
     return paths
 
@@ -102,9 +123,12 @@ def run_make_shards(raw: Path, out: Path, workers: int) -> float:
 # cProfile functions -> the stage of make_shards they are (by tottime); the rest is "other (Python)".
 STAGES = {
     "read": ("read' of '_io.BufferedReader", "posix.stat", "io.open"),
-    "decode (libjpeg, incl. the statistics' decode of each stored JPEG)": ("'decode' of 'ImagingDecoder'",),
-    "resize + crop (one pass)": ("'resize' of 'ImagingCore'",),
-    "encode (libjpeg, q90)": ("'encode' of 'ImagingEncoder'",),
+    # simplejpeg's functions are Cython: cProfile charges them to their callers, which name the stage.
+    "decode raw (libjpeg: simplejpeg in _decode_jpeg, Pillow for other files)": (
+        "convert.py:_decode_jpeg", "'decode' of 'ImagingDecoder'"),
+    "decode stored JPEG for the statistics (simplejpeg in decode_rgb)": ("stats.py:decode_rgb",),
+    "resize (torch antialiased bilinear, uint8)": ("torch._ops.aten.", "'resize' of 'ImagingCore'"),
+    "encode (libjpeg via simplejpeg in convert_image, q90)": ("convert.py:convert_image", "'encode' of 'ImagingEncoder'"),
     "statistics moments (Numba)": ("_add_pixel_moments",),
     "hash (sha256)": ("openssl_sha256", "'update' of '_hashlib", "'hexdigest' of '_hashlib"),
     "tar + index build": ("tarfile.py", "shard_format.py", "tarwriter.py"),
@@ -284,13 +308,16 @@ def ray_against_pool(raw: Path, tmp: Path, workers: int, rounds: int) -> dict:
 @click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="with --peer: a real raw tree (train/<wnid>/*) instead of the drawn one")
 @click.option("--profile", is_flag=True, help="CPU time per stage of one 1-worker make_shards run instead")
-def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_dir, profile):
+@click.option("--inputs", type=click.Choice(INPUT_KINDS), default="mix", show_default=True,
+              help="with --peer or --profile and no --raw: drawn sizes 'mix' (ImageNet-like, a quarter of them large) or "
+                   "'typical' (500 x 333-375 with photo-like noise: ImageNet's usual shape and ~110 KB files)")
+def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_dir, profile, inputs):
     workers = workers or default_workers()
     if profile:
         with tempfile.TemporaryDirectory(prefix="bench_make_shards_profile_") as tmp:
             if raw_dir is None:
                 raw_dir = Path(tmp) / "raw"
-                write_inputs(raw_dir, images, classes, seed)
+                write_inputs(raw_dir, images, classes, seed, inputs)
             result = profile_stages(raw_dir, Path(tmp))
         click.echo(f"{result['images']} images, {result['cpu_s']} CPU s: {result['img_per_cpu_s']} img per CPU-second")
         for stage, ms in result["ms_per_image"].items():
@@ -299,7 +326,7 @@ def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_
             json_path.write_text(json.dumps(result, indent=1) + "\n")
         return
     if peer == "ffcv":
-        return main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir)
+        return main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir, inputs)
     if raw_dir is not None:
         raise click.UsageError("--raw goes with --peer ffcv or --profile")
     if with_ray:
@@ -372,14 +399,14 @@ def main_ray(images, classes, workers, seed, rounds, json_path):
         json_path.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir):
+def main_ffcv(images, classes, workers, seed, rounds, json_path, raw_dir, inputs="mix"):
     ffcv_python()  # one line now, not after drawing the inputs
     with tempfile.TemporaryDirectory(prefix="bench_make_shards_ffcv_") as tmp:
         tmp = Path(tmp)
-        source = str(raw_dir) if raw_dir else f"drawn: tools/sample_data.py, ImageNet-sized, seed {seed}"
+        source = str(raw_dir) if raw_dir else f"drawn: tools/sample_data.py, --inputs {inputs}, seed {seed}"
         if raw_dir is None:
             raw_dir = tmp / "raw"
-            write_inputs(raw_dir, images, classes, seed)
+            write_inputs(raw_dir, images, classes, seed, inputs)
         result = against_ffcv(raw_dir, tmp, workers, rounds)
     result["raw"] = source
     ffcv, ours = result["ffcv"], result["ours"]
