@@ -138,7 +138,7 @@ def main() -> None:
     @click.option("--ours", "ours_json", default="{}",
                   help='LoaderSpec fields for our loader as JSON, e.g. \'{"roi_decode": false}\'')
     @click.option("--compare", "variants", multiple=True,
-                  help="another configuration of ours as JSON LoaderSpec fields, run at nchw as one more contender "
+                  help="another configuration of ours as JSON LoaderSpec fields, run at nchw (unless it sets channels_last) as one more contender "
                        "(repeat), e.g. '{\"roi_decode\": false}': a step's before and after in the same windows")
     @click.option("--ffcv-venv", type=click.Path(file_okay=False), default=str(HERE.parent / ".ffcv-venv"),
                   show_default=True, help="made by benchmarks/ffcv_setup.sh")
@@ -178,7 +178,8 @@ def main() -> None:
             plan.append((f"ours-{layout}", _ours_argv({**base, **ours_extra, "channels_last": layout == "nhwc"}, warmup)))
         for variant in variants:
             label = ",".join(f"{k}={v}" for k, v in variant.items())
-            plan.append((f"ours[{label}]-nchw", _ours_argv({**base, **ours_extra, **variant}, warmup)))
+            layout = "nhwc" if variant.get("channels_last", ours_extra.get("channels_last")) else "nchw"
+            plan.append((f"ours[{label}]-{layout}", _ours_argv({**base, **ours_extra, **variant}, warmup)))
         if "baseline" in peers:
             plan.append(("baseline-nchw", _ours_argv({**base, "kind": "baseline"}, warmup)))
         if "ffcv" in peers:
