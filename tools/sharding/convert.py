@@ -9,12 +9,13 @@ The primitives (measured per stage in benchmarks/RESULTS.md, issue 18):
   or 1/8 where that stays at or above the stored size (the same pixels as Pillow's `draft`, without
   Pillow's per-image Python); every other file, and any JPEG simplejpeg refuses (CMYK, warnings such
   as extra bytes, truncation), goes to Pillow, whose message names the problem when it fails too.
-* resize: antialiased bilinear on uint8 pixels by torch (`interpolate(antialias=True)`: the filter
-  of Pillow's BILINEAR, within one level of it, ~3x faster here); one thread per process, since
-  make_shards runs one converter per core.
+* resize: antialiased bilinear on uint8 pixels by torch (the kernel of `interpolate(antialias=True)`,
+  written straight into HWC memory: Pillow's BILINEAR filter within one level, ~3x less CPU); one
+  thread per process, since make_shards runs one converter per core.
 * encode: libjpeg-turbo through simplejpeg, baseline, quality `quality`, 4:2:0 (as Pillow's default
   at this quality), ~30% less CPU than through Pillow.
-`CONVERTER` names this recipe and the libraries' versions in the job fingerprint, so a resume never mixes shards of two recipes.
+`CONVERTER` names this recipe and the libraries' versions in the job fingerprint, so that a resume
+never mixes shards of two recipes.
 
 Very large photos: a JPEG over Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179
 megapixels) is still kept: decoded at 1/8 of its size, never below the stored size, a 192-megapixel
@@ -131,9 +132,11 @@ def _decode_jpeg(data: bytes, size: int) -> tuple[np.ndarray, int, int] | None:
     draft; None for anything else simplejpeg does not decode cleanly (Pillow then decides)."""
     if data[:3] != b"\xff\xd8\xff":
         return None
+    # Whatever simplejpeg raises on hostile bytes (ValueError for libjpeg's errors and warnings),
+    # Pillow gets the file next and names the problem in the rejection.
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - see above
         return None
     if colorspace not in _SIMPLEJPEG_SPACES or w < 1 or h < 1:
         return None
@@ -144,7 +147,7 @@ def _decode_jpeg(data: bytes, size: int) -> tuple[np.ndarray, int, int] | None:
                             f"over Pillow's limit of {_pixel_limit()} pixels")
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=dw, min_height=dh), w, h
-    except ValueError:
+    except Exception:  # noqa: BLE001 - see above
         return None
 
 
