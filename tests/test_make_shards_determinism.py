@@ -73,6 +73,25 @@ def test_rerun_of_a_complete_set_does_nothing(raw, reference):
     assert report.up_to_date and _tree_bytes(reference) == before
 
 
+def test_a_new_conversion_recipe_is_a_new_job(raw, reference, tmp_path, monkeypatch):
+    """The recipe and library versions (convert.CONVERTER) are recorded and fingerprinted: shards
+    made by another recipe are neither reused (resume) nor taken as up to date."""
+    import json
+
+    from alexnet_fast.tools.sharding import errors, manifest
+
+    recorded = json.loads((reference / "manifest.json").read_text())["created_by"]["converter"]
+    assert recorded == manifest.CONVERTER and "simplejpeg" in recorded
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in _tree_bytes(reference).items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(data)
+    monkeypatch.setattr(manifest, "CONVERTER", recorded + " (a later version)")
+    with pytest.raises(errors.ShardingError, match="other inputs or options"):
+        make_shards(raw, copy, ShardOptions(per_shard=3), workers=1, **QUIET)
+
+
 def test_resume_after_kill_9_gives_identical_bytes(raw, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(MAKE_SHARDS), str(raw), str(out), "--per-shard", "3", "--workers", "1", "--no-progress"]
