@@ -7,7 +7,8 @@ Inputs: a raw train/<wnid>/ tree of procedurally drawn JPEGs whose sizes follow 
 mix (most about 500x375, a fifth 800-1200 px, a few 1600-2400 px). Baseline: for each file
 `Image.open -> convert("RGB") -> resize (shorter side 256, same filter) -> centre crop -> save`
 as a quality-90 JPEG file, one process. make_shards: the real end-to-end run (discovery,
-parallel conversion with draft(), tar + index writing, manifest; stats on 64 images).
+parallel conversion (DCT-scaled decode, resize, encode: tools/sharding/convert.py), tar + index
+writing, manifest; stats on 64 images).
 Both sides get an untimed warm-up run, then `--rounds` timed runs each; medians are compared.
 Target: ratio >= 2.
 
@@ -351,7 +352,7 @@ def main(images, classes, workers, seed, rounds, json_path, with_ray, peer, raw_
         run_make_shards(tmp / "raw", tmp / "warm_shards", workers)
         baseline_s = timed(lambda target: baseline_loop(paths, target))
         shards_s = timed(lambda target: run_make_shards(tmp / "raw", target, workers))
-        # One worker as well: separates per-process efficiency (draft, crop-box resize) from the
+        # One worker as well: separates per-process efficiency (DCT-scaled decode, resize) from the
         # parallel speed-up, which a loaded shared machine hides.
         single_s = timed(lambda target: run_make_shards(tmp / "raw", target, 1)) if workers > 1 else shards_s
     result = {
