@@ -42,8 +42,10 @@ def finished_cpu_seconds() -> float:
 
 
 def process_cpu_seconds() -> float:
-    """CPU time of this process, all its threads (DALI's, FFCV's numba workers) and its live child
-    processes (a DataLoader's workers) included; on Linux from /proc, elsewhere this process only."""
+    """CPU time of this process, all its threads (DALI's, FFCV's numba workers), its live child
+    processes (a DataLoader's workers) and the children they have reaped (a DataLoader's workers of
+    an ended epoch: `cutime`/`cstime`, without which the sum would drop when they end); on Linux from
+    /proc, elsewhere this process only."""
     if not os.path.isdir("/proc/self/task"):
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
@@ -55,7 +57,8 @@ def process_cpu_seconds() -> float:
                     fields = f.read().rsplit(")", 1)[1].split()   # after "(comm)": state, ppid, ...
             except OSError:                                     # ended meanwhile
                 continue
-            parent_of[int(entry)], cpu[int(entry)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+            # utime + stime + cutime + cstime
+            parent_of[int(entry)], cpu[int(entry)] = int(fields[1]), sum(map(int, fields[11:15])) / ticks
     tree, grew = {os.getpid()}, True
     while grew:
         more = {pid for pid, parent in parent_of.items() if parent in tree} - tree
