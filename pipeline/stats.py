@@ -95,7 +95,7 @@ def decode_rgb(data: bytes, where: str) -> np.ndarray:
 
     libjpeg-turbo through simplejpeg (half the CPU of Pillow's decode of a 256x256 JPEG), with
     Pillow as the fallback for what simplejpeg refuses: both run libjpeg-turbo's exact integer IDCT
-    and fancy upsampling, so the pixels are the same (tests/test_stats.py compares them)."""
+    and fancy upsampling, so the pixels are the same (tests/test_convert.py compares them)."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:

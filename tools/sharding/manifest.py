@@ -1,7 +1,8 @@
 """manifest.json (schema in alexnet_fast.pipeline.shardset) and the job fingerprint.
 
 The fingerprint hashes everything that determines the output bytes (RAW, the file list, the
-options, the conversion recipe `convert.CONVERTER`; not the worker count), so a rerun can tell its own half-finished work from a different job's.
+options, the conversion recipe `convert.CONVERTER`; not the worker count), so a rerun can tell its
+own half-finished work from a different job's.
 """
 from __future__ import annotations
 
