@@ -115,10 +115,7 @@ def baseline_loop(paths: list[Path], out: Path, size: int = 256) -> float:
 
 def run_make_shards(raw: Path, out: Path, workers: int) -> float:
     """Seconds for a complete make_shards run (stats on 64 images, as a real run's tail)."""
-    started = time.perf_counter()
-    make_shards(raw, out, ShardOptions(per_shard=100, stats_images=64), workers=workers, progress=False,
-                log=lambda msg: None)
-    return time.perf_counter() - started
+    return full_command_run(raw, out, workers, ShardOptions(per_shard=100, stats_images=64))["seconds"]
 
 
 # cProfile functions -> the stage of make_shards they are (by tottime); the rest is "other (Python)".
@@ -197,11 +194,11 @@ def stored_pixels(out: Path) -> int:
     return total
 
 
-def full_command_run(raw: Path, out: Path, workers: int) -> dict:
-    """Wall and CPU seconds (this process and its pool's workers) of the whole make_shards command
-    with its defaults (statistics of every train image)."""
+def full_command_run(raw: Path, out: Path, workers: int, opts: ShardOptions = ShardOptions()) -> dict:
+    """Wall and CPU seconds (this process and its pool's workers) of the whole make_shards command,
+    by default with its defaults (statistics of every train image)."""
     started, cpu_started = time.perf_counter(), finished_cpu_seconds()
-    make_shards(raw, out, ShardOptions(), workers=workers, progress=False, log=lambda msg: None)
+    make_shards(raw, out, opts, workers=workers, progress=False, log=lambda msg: None)
     return {"seconds": time.perf_counter() - started, "cpu_seconds": finished_cpu_seconds() - cpu_started}
 
 

@@ -98,8 +98,8 @@ def decode_rgb(data: bytes, where: str) -> np.ndarray:
     and fancy upsampling, so the pixels are the same (tests/test_convert.py compares them)."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:
-        pass    # not a clean baseline/progressive JPEG: Pillow decodes it or names the problem
+    except Exception:  # noqa: BLE001 - whatever simplejpeg refuses, Pillow decodes or names the problem
+        pass
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -150,6 +150,14 @@ def add_moments(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) 
 
 def zero_moments() -> list[int]:
     return [0] * _MOMENTS
+
+
+def sum_moments(vectors: Iterable[list[int] | tuple[int, ...]]) -> list[int]:
+    """The element-wise sum of moment vectors (zeros for none), exact and order-free (add_moments)."""
+    total = zero_moments()
+    for vector in vectors:
+        total = add_moments(total, vector)
+    return total
 
 
 @dataclass(frozen=True)
@@ -231,7 +239,7 @@ def compute_stats(train_tars: list[Path], *, max_images: int | None = None, seed
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     warm_up()  # compile once here; forked workers inherit the machine code
 
-    images, total = 0, [0] * _MOMENTS
+    images, total = 0, zero_moments()
     with _task_results(tasks, workers) as results:
         bar = _progress_bar(tasks, progress)  # after the fork: no tqdm monitor thread in the workers
         for task_images, moments in results:

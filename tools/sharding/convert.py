@@ -193,12 +193,13 @@ def _resize(pixels: np.ndarray, out_hw: tuple[int, int], crop_square: bool) -> n
         pixels = pixels[top:top + side, left:left + side]
     if pixels.shape[:2] == out_hw:
         return np.ascontiguousarray(pixels)
-    if not pixels.flags.writeable:      # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image)
-        pixels = pixels.copy()
+    # Contiguous (the crop is a strided view) and writable (torch.from_numpy warns on a read-only
+    # array, as np.asarray of a PIL image is): one copy at most.
+    pixels = np.require(pixels, requirements=["C_CONTIGUOUS", "WRITEABLE"])
     torch = _torch()
     out = torch.empty((1, *out_hw, 3), dtype=torch.uint8)             # HWC bytes, as the encoder takes them
     with _one_thread(torch):
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # NCHW view of HWC
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)    # NCHW view of HWC
         # F.interpolate's kernel (antialias=True), writing into a channels_last `out` as it stands:
         # F.interpolate itself returns NCHW, and transposing that back to HWC costs more than the resize.
         torch.ops.aten._upsample_bilinear2d_aa.out(x, list(out_hw), False, None, None, out=out.permute(0, 3, 1, 2))

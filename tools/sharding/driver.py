@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
-from alexnet_fast.pipeline.stats import add_moments, compute_stats, stats_from_moments, write_stats, zero_moments
+from alexnet_fast.pipeline.stats import compute_stats, stats_from_moments, sum_moments, write_stats
 from alexnet_fast.pipeline.stats import warm_up as stats_warm_up
 from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
 from alexnet_fast.tools.sharding import resume
@@ -161,10 +161,8 @@ def _write_stats(out: Path, plan: ShardPlan, opts: ShardOptions, workers: int, p
     `alexnet-fast stats` over the shards (pipeline/stats.py)."""
     finished = plan.finished["train"]
     if plan.stats_in_pass and all(s.moments is not None for s in finished):
-        total = zero_moments()
-        for shard in finished:
-            total = add_moments(total, shard.moments)
-        stats = stats_from_moments(total, sum(s.record.samples for s in finished), max_images=None, seed=opts.seed)
+        stats = stats_from_moments(sum_moments(s.moments for s in finished), sum(s.record.samples for s in finished),
+                                   max_images=None, seed=opts.seed)
     else:  # a sample, or shards reused from a run that did not compute moments
         stats = compute_stats([out / s.record.tar for s in finished], max_images=opts.stats_images, seed=opts.seed,
                               workers=workers, progress=progress)

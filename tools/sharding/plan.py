@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
-from alexnet_fast.pipeline.stats import add_moments, zero_moments
+from alexnet_fast.pipeline.stats import sum_moments
 from alexnet_fast.tools.sharding import resume
 from alexnet_fast.tools.sharding.convert import Converted, ImageOptions, convert_image, read_item
 from alexnet_fast.tools.sharding.errors import RejectedImage
@@ -95,13 +95,8 @@ def write_shard(out: Path, shard: PlannedShard, image_of: Callable[[object], Con
     atomic_write_bytes(out / f"{shard.name}.tar", built.tar)
     record = ShardRecord(f"{shard.name}.tar", f"{shard.name}.idx", built.samples, len(built.tar), built.sha256,
                          hashlib.sha256(built.index).hexdigest())
-    moments = None
-    if images and all(c.moments is not None for c in images):
-        total = zero_moments()
-        for c in images:
-            total = add_moments(total, c.moments)
-        moments = tuple(total)
-    return Written(record, moments)
+    computed = images and all(c.moments is not None for c in images)
+    return Written(record, tuple(sum_moments(c.moments for c in images)) if computed else None)
 
 
 class _SplitCutter:

@@ -4,8 +4,8 @@ Tar members carry fixed metadata (mtime 0, uid/gid 0, empty user/group names, mo
 USTAR format), so the bytes depend only on the samples. The 512-byte headers are formed here
 (`_ustar_header`) rather than by `tarfile`, whose per-member Python costs about as much CPU as
 encoding the JPEG; they are the bytes `tarfile` (CPython 3.11) writes for the same members, which
-tests/test_make_shards_determinism.py checks, and no longer depend on the Python version. The tar
-hash is computed while the parts are joined, without another pass over a finished buffer. What the members hold and the index
+tests/test_make_shards_determinism.py checks, and no longer depend on the Python version. What the
+members hold and the index
 format (the text DALI's `wds2idx` writes, v1.2) are `alexnet_fast.pipeline.shard_format`'s.
 """
 from __future__ import annotations
@@ -79,9 +79,6 @@ def build_shard(samples: list[Sample]) -> ShardBytes:
         rows.append(row)
     end = offset + 2 * BLOCK
     parts.append(b"\0" * (2 * BLOCK + (-end % RECORD)))
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
     tar_bytes = b"".join(parts)
     index = index_text(index_header(len(samples)), rows)
-    return ShardBytes(tar_bytes, index.encode(), digest.hexdigest(), len(samples))
+    return ShardBytes(tar_bytes, index.encode(), hashlib.sha256(tar_bytes).hexdigest(), len(samples))
