@@ -5,6 +5,9 @@ test reads the same real shards. Other helpers may append fixtures at the end of
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,22 @@ def shard_set(raw_imagenet, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shard_set")
     make_shards(raw_imagenet.root, out, SHARD_SET_OPTIONS, workers=1, progress=False, log=lambda msg: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def wait_for_step():
+    """wait(run, step, procs, timeout): until RUN/metrics.jsonl has logged a step >= `step` (whole
+    lines only), failing if one of `procs` (a run's processes) ends first or `timeout` s pass."""
+    def wait(run: Path, step: int, procs: list[subprocess.Popen], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+                                        if line.endswith("}")):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"step {step} never logged")
+
+    return wait
+

@@ -163,7 +163,7 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shard_set) -> dict:
+def runs(tmp_path_factory, shard_set, wait_for_step) -> dict:
     """An uninterrupted STEPS-step two-node run (through the digest-reporting entry point), and one
     stopped by SIGTERM to both agents (as SLURM stops a job), then resumed (through the plain CLI)."""
     root = tmp_path_factory.mktemp("multinode")
@@ -176,7 +176,7 @@ def runs(tmp_path_factory, shard_set) -> dict:
                              env=_env(WEIGHTS_DIGEST_DIR=str(digests)))
     stopped = start_two_nodes(root / "logs-stopped", CLI, [*flags, "--out", str(root / "resumed")])
     try:
-        _wait_for_step(root / "resumed", 1, stopped)
+        wait_for_step(root / "resumed", 1, [n.proc for n in stopped], timeout=180)
         for node in stopped:
             node.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -265,25 +265,13 @@ def _workers_by_rank(nodes: list[Node]) -> dict[int, int]:
     return found
 
 
-def _wait_for_step(run: Path, step: int, nodes: list[Node], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert all(n.proc.poll() is None for n in nodes), "a node ended before it could be interrupted"
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
-                                    if line.endswith("}")):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} never logged")
-
-
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_run_on_both_nodes_in_one_line(shard_set, tmp_path):
+def test_a_killed_rank_ends_the_run_on_both_nodes_in_one_line(shard_set, tmp_path, wait_for_step):
     run = tmp_path / "run"
     nodes = start_two_nodes(tmp_path / "logs", CLI, ["train", "--data", str(shard_set), *SMALL,
                                                      "--max-steps", "1000", "--out", str(run)])
     try:
-        _wait_for_step(run, 1, nodes)
+        wait_for_step(run, 1, [n.proc for n in nodes], timeout=180)
         workers = _workers_by_rank(nodes)
         assert sorted(workers) == [0, 1], workers
         # the run directory is held for the whole run by rank 0's process, on whichever node it is

@@ -36,18 +36,6 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "val_top1" not in r}
 
 
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
-                                    if line.endswith("}")):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"step {step} never logged")
-
-
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until RUN/last.pt is on disk (renamed into place: only whole files get that name)."""
     deadline = time.monotonic() + timeout
@@ -101,11 +89,11 @@ def _start_two_process_run(shard_set: Path, run: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path, wait_for_step):
     run = tmp_path / "run"
     proc = _start_two_process_run(shard_set, run)
     try:
-        _wait_for_step(run, 2, proc)
+        wait_for_step(run, 2, [proc], timeout=120)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         out, err = proc.communicate(timeout=60)
@@ -134,13 +122,13 @@ def _spawned_workers(parent: int) -> list[int]:
     return sorted(found)
 
 
-def test_one_rank_killed_ends_the_run_in_one_line_naming_it(shard_set, tmp_path):
+def test_one_rank_killed_ends_the_run_in_one_line_naming_it(shard_set, tmp_path, wait_for_step):
     """The out-of-memory killer takes one rank of a 2-process run: the launcher stops the other, and
     the command says which rank died of what, and how to continue -- in one line, exit 1."""
     run = tmp_path / "run"
     proc = _start_two_process_run(shard_set, run)
     try:
-        _wait_for_step(run, 1, proc)
+        wait_for_step(run, 1, [proc], timeout=120)
         workers = _spawned_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
