@@ -75,3 +75,32 @@ def test_every_contender_must_hand_out_the_same_dtype_and_layout():
     assert "nchw" in output_problem(nhwc.shape, nhwc.stride(), str(nhwc.dtype), "nchw", "float32")
     assert output_problem(nchw.shape, nchw.stride(), "torch.float16", "nchw", "float32")
     assert output_problem((4, 227, 227, 3), (3 * 227 * 227, 3 * 227, 3, 1), "torch.float32", "nhwc", "float32")
+
+
+# -- benchmarks/nhwc_bound.py: its Numba stand-in is exact, and the script runs end to end ----------
+BOUND = Path(__file__).resolve().parent.parent / "benchmarks" / "nhwc_bound.py"
+
+
+def test_the_nhwc_bounds_numba_normalize_gives_crop_mirror_normalizes_values(shard_set):
+    """The bound's `train-numba` figure stands for crop_mirror_normalize's work only if it computes
+    the same thing: the same draws (crop, mirror, lighting) through both, equal to float32 rounding
+    (outputs span about -3..3, where one float32 step is 2.4e-7 to 4.8e-7)."""
+    from nhwc_bound import check_numba_normalize
+
+    assert check_numba_normalize(str(shard_set)) <= 1e-6
+
+
+def test_the_nhwc_bound_benchmark_runs_its_contenders_and_writes_json(shard_set, tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "bound.json"
+    run = subprocess.run([sys.executable, str(BOUND), "--data", str(shard_set), "--contender", "read",
+                          "--contender", "train-dali", "--seconds", "0.2", "--min-batches", "2", "--rounds", "2",
+                          "--warmup", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results["contenders"]) == {"read", "train-dali"}
+    for s in results["contenders"].values():
+        assert len(s["rounds"]) == 2 and s["img_per_s"] > 0 and s["cpu_ms_per_img"] > 0
+    assert results["contenders"]["read"]["img_per_s"] > results["contenders"]["train-dali"]["img_per_s"]
