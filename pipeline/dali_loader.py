@@ -193,7 +193,9 @@ class DaliLoader:
         reader = self._reader_config(plan)
         if self.spec.split == "train":
             # enable_checkpointing: DALI tracks the reader's and random operators' states per
-            # iteration (no measurable cost on 2 CPU cores), for state_dict() / resume().
+            # iteration, for state_dict() / resume(). Its price on the 2-core CPU VM: a median 7%
+            # fewer img/s over six A/B pairs, ranging from 14% fewer to 7% more (benchmarks/RESULTS.md,
+            # issue 17): the cost of resuming mid-epoch without replaying the epoch's batches.
             pipe = dp.train_pipeline(reader, decoder, out, self.stats, lighting_std=self.spec.lighting_std,
                                      with_params=self.with_params, enable_checkpointing=True,
                                      checkpoint=checkpoint, **self._pipeline_args(plan))
