@@ -58,17 +58,6 @@ def _setup(data: str):
     return dp, reader, ColorStats.from_dict(shard_set.stats())
 
 
-def _lit_mean(stats):
-    """The train graph's per-sample mean with PCA lighting folded in (as dali_pipelines.train_pipeline)."""
-    from nvidia.dali import fn, types
-
-    mean = types.Constant(np.float32(stats.mean_255))
-    alpha = fn.random.normal(shape=[3], stddev=0.1)
-    for j in range(3):
-        mean = mean - alpha[j] * types.Constant(np.float32(255.0 * stats.eigval[j] * stats.eigvec[:, j]))
-    return mean
-
-
 def normalize_hwc(out, image, mirror, mean, inv_std):
     """One sample: out[y, x, c] = (image[y, x', c] - mean[c]) * inv_std[c], x' mirrored or not. Rows as
     flat runs of W*3 values against a per-row pattern of the three channels' constants, so the inner
@@ -96,6 +85,26 @@ def _same_shape(outs, ins):
     for sample in range(len(outs[0])):
         for d in range(3):
             outs[0][sample][d] = ins[0][sample][d]
+
+
+def _numba_normalize(images, mirror, mean, stats):
+    """normalize_hwc on DALI's threads, one sample per task: what crop_mirror_normalize computes on an
+    already cropped window (train's ROI decode), NHWC float32."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.plugin.numba.fn.experimental import numba_function
+
+    return numba_function(
+        images, fn.reshape(fn.cast(mirror, dtype=types.UINT8), shape=[1]), mean,
+        types.Constant(np.float32(1.0 / stats.std_255)), run_fn=normalize_hwc, setup_fn=_same_shape,
+        out_types=[types.FLOAT], in_types=[types.UINT8, types.UINT8, types.FLOAT, types.FLOAT],
+        outs_ndim=[3], ins_ndim=[3, 1, 1, 1])
+
+
+def _draws():
+    """The train graph's random crop position and mirror (as dali_pipelines.train_pipeline)."""
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]), fn.random.coin_flip(probability=0.5)
 
 
 def _turbo_batches(dp, reader, threads: int):
@@ -128,46 +137,54 @@ def _turbo_batches(dp, reader, threads: int):
         yield out, np.asarray(label.as_tensor())
 
 
+# Each DALI contender's graph: (dali_pipelines, reader config, ColorStats, OutputConfig, threads) -> outputs
+def _read_graph(dp, reader, stats, out, threads):
+    return dp.read_shards(reader)
+
+
+def _decode_graph(dp, reader, stats, out, threads):
+    jpg, label = dp.read_shards(reader)
+    crop_x, crop_y, _ = _draws()
+    return dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y)), label
+
+
+def _numba_graph(dp, reader, stats, out, threads):
+    jpg, label = dp.read_shards(reader)
+    crop_x, crop_y, mirror = _draws()
+    images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
+    return _numba_normalize(images, mirror, dp.lighting_mean(stats, 0.1)[0], stats), label
+
+
+def _turbo_graph(dp, reader, stats, out, threads):
+    from nvidia.dali import fn
+
+    images, label = fn.external_source(source=_turbo_batches(dp, reader, threads), num_outputs=2, batch=True,
+                                       layout=["HWC", ""])
+    crop_x, crop_y, mirror = _draws()
+    return dp.normalize(images, out, dp.lighting_mean(stats, 0.1)[0], list(stats.std_255), crop_x, crop_y, mirror), label
+
+
+GRAPHS = {"read": _read_graph, "decode-dali": _decode_graph, "train-numba": _numba_graph, "train-turbo": _turbo_graph}
+
+
 def _batches(name: str, data: str, threads: int):
-    from nvidia.dali import fn, pipeline_def, types
+    """Endless batch sizes from contender `name` (the child's side of window_harness.serve)."""
+    from nvidia.dali import pipeline_def
 
     from alexnet_fast.pipeline.host import keep_batch_buffers_mapped
 
     keep_batch_buffers_mapped()         # as our loader's process (pipeline/loaders.py)
     dp, reader, stats = _setup(data)
     out = dp.OutputConfig(channels_last=True)
-    args = dict(batch_size=BATCH, num_threads=threads, device_id=None, seed=1, prefetch_queue_depth=2)
-    if name == "decode-turbo":
+    if name == "decode-turbo":          # no DALI graph after the reader
         for _ in _turbo_batches(dp, reader, threads):
             yield BATCH
-
-    @pipeline_def
-    def stage():
-        jpg, label = dp.read_shards(reader) if name != "train-turbo" else (None, None)
-        if name == "read":
-            return jpg, label
-        crop_x, crop_y = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
-        mirror = fn.random.coin_flip(probability=0.5)
-        if name == "train-turbo":
-            images, label = fn.external_source(source=_turbo_batches(dp, reader, threads), num_outputs=2,
-                                               batch=True, layout=["HWC", ""])
-            return dp._normalize(images, out, _lit_mean(stats), list(stats.std_255), crop_x, crop_y, mirror), label
-        images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
-        if name == "decode-dali":
-            return images, label
-        from nvidia.dali.plugin.numba.fn.experimental import numba_function
-        inv_std = types.Constant(np.float32(1.0 / stats.std_255))
-        normalized = numba_function(
-            images, fn.reshape(fn.cast(mirror, dtype=types.UINT8), shape=[1]), _lit_mean(stats), inv_std,
-            run_fn=normalize_hwc, setup_fn=_same_shape, out_types=[types.FLOAT],
-            in_types=[types.UINT8, types.UINT8, types.FLOAT, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 1, 1, 1])
-        return normalized, label
-
+    args = dict(batch_size=BATCH, num_threads=threads, device_id=None, seed=1, prefetch_queue_depth=2)
     if name in ("train-dali", "train-nockpt"):
         pipe = dp.train_pipeline(reader, dp.DecodeConfig(roi=True), out, stats,
                                  enable_checkpointing=name == "train-dali", **args)
     else:
-        pipe = stage(**args)
+        pipe = pipeline_def(lambda: GRAPHS[name](dp, reader, stats, out, threads))(**args)
     pipe.build()
     while True:
         pipe.run()
@@ -175,9 +192,8 @@ def _batches(name: str, data: str, threads: int):
 
 
 def check_numba_normalize(data: str) -> float:
-    """The largest difference between train-numba's and train-dali's outputs for the same draws."""
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.numba.fn.experimental import numba_function
+    """The largest difference between train-numba's and the train graph's normalize, same draws."""
+    from nvidia.dali import pipeline_def
 
     dp, reader, stats = _setup(data)
     out = dp.OutputConfig(channels_last=True)
@@ -185,22 +201,16 @@ def check_numba_normalize(data: str) -> float:
     @pipeline_def
     def both():
         jpg, _ = dp.read_shards(reader)
-        crop_x, crop_y = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
-        mirror = fn.random.coin_flip(probability=0.5)
+        crop_x, crop_y, mirror = _draws()
         images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
-        mean = _lit_mean(stats)
-        by_dali = dp._normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True)
-        by_numba = numba_function(
-            images, fn.reshape(fn.cast(mirror, dtype=types.UINT8), shape=[1]), mean,
-            types.Constant(np.float32(1.0 / stats.std_255)), run_fn=normalize_hwc, setup_fn=_same_shape,
-            out_types=[types.FLOAT], in_types=[types.UINT8, types.UINT8, types.FLOAT, types.FLOAT],
-            outs_ndim=[3], ins_ndim=[3, 1, 1, 1])
-        return by_dali, by_numba
+        mean = dp.lighting_mean(stats, 0.1)[0]
+        return (dp.normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True),
+                _numba_normalize(images, mirror, mean, stats))
 
     pipe = both(batch_size=8, num_threads=1, device_id=None, seed=3)
     pipe.build()
-    a, b = pipe.run()
-    return float(np.abs(np.asarray(a.as_tensor()) - np.asarray(b.as_tensor())).max())
+    by_dali, by_numba = pipe.run()
+    return float(np.abs(np.asarray(by_dali.as_tensor()) - np.asarray(by_numba.as_tensor())).max())
 
 
 # -- the parent -------------------------------------------------------------------------------------

@@ -110,11 +110,23 @@ def _labels(label, decoder: DecodeConfig):
     return label.gpu() if decoder.on_gpu else label
 
 
-def _normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror, cropped: bool = False):
+def normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror, cropped: bool = False):
     """Crop (unless the decoder already cut the window: `cropped`), mirror, normalize, layout, dtype."""
     crop = {} if cropped else dict(crop=(out.crop, out.crop), crop_pos_x=crop_x, crop_pos_y=crop_y)
     return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, std=std, dtype=out.dtype,
                                     output_layout=out.layout, **crop)
+
+
+def lighting_mean(stats: ColorStats, lighting_std: float):
+    """(per-sample mean on the 0..255 scale with PCA lighting folded in, the drawn alpha [3]):
+    255 * (mean - eigvec @ (alpha * eigval)), alpha ~ N(0, lighting_std) per sample (augment.py)."""
+    mean = types.Constant(np.float32(stats.mean_255))
+    if lighting_std <= 0:
+        return mean, types.Constant(np.zeros(3, np.float32))
+    alpha = fn.random.normal(shape=[3], stddev=lighting_std)
+    for j in range(3):      # a sum over the three eigenvectors
+        mean = mean - alpha[j] * types.Constant(np.float32(255.0 * stats.eigval[j] * stats.eigvec[:, j]))
+    return mean, alpha
 
 
 @pipeline_def
@@ -126,15 +138,8 @@ def train_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfi
     crop_y = fn.random.uniform(range=[0.0, 1.0])
     mirror = fn.random.coin_flip(probability=0.5)
     images = decode(jpg, decoder, (out.crop, crop_x, crop_y))
-    mean = types.Constant(np.float32(stats.mean_255))
-    if lighting_std > 0:
-        alpha = fn.random.normal(shape=[3], stddev=lighting_std)
-        # 255 * (mean - eigvec @ (alpha * eigval)), as a sum over the three eigenvectors
-        for j in range(3):
-            mean = mean - alpha[j] * types.Constant(np.float32(255.0 * stats.eigval[j] * stats.eigvec[:, j]))
-    else:
-        alpha = types.Constant(np.zeros(3, np.float32))
-    normalized = _normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=decoder.roi)
+    mean, alpha = lighting_mean(stats, lighting_std)
+    normalized = normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=decoder.roi)
     outputs = (normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info"))
     if with_params:
         outputs += (crop_x, crop_y, mirror, alpha)
@@ -149,11 +154,11 @@ def val_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfig,
     mean, std = list(stats.mean_255), list(stats.std_255)
     if ten_crop:                    # the ten views cover the whole image: decode it all
         images = decode(jpg, decoder)
-        views = [_normalize(images, out, mean, std, x, y, int(m)) for (x, y, m) in TEN_CROP_VIEWS]
+        views = [normalize(images, out, mean, std, x, y, int(m)) for (x, y, m) in TEN_CROP_VIEWS]
         normalized = fn.stack(*views, axis=0)
     else:
         images = decode(jpg, decoder, (out.crop, 0.5, 0.5))
-        normalized = _normalize(images, out, mean, std, 0.5, 0.5, 0, cropped=decoder.roi)
+        normalized = normalize(images, out, mean, std, 0.5, 0.5, 0, cropped=decoder.roi)
     return normalized, _labels(label, decoder), fn.get_property(jpg, key="source_info")
 
 
