@@ -231,14 +231,23 @@ def main() -> None:
     @click.option("--ffcv-venv", type=click.Path(file_okay=False), default=str(HERE.parent / ".ffcv-venv"), show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
     def cli(data, names, peers, seconds, min_batches, rounds, warmup, ffcv_venv, json_path):
+        from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
+
+        try:
+            ShardSet.open(data).stats()
+        except ShardSetError as e:
+            raise click.UsageError(str(e)) from None
         cores = os.sched_getaffinity(0)
         threads = len(cores)
         beton = Path(f"{str(data).rstrip('/')}.train.beton")
-        if "ffcv" in peers and not (Path(ffcv_venv) / "READY").exists() or "ffcv" in peers and not beton.exists():
+        if "ffcv" in peers and not ((Path(ffcv_venv) / "READY").exists() and beton.exists()):
             raise click.UsageError(f"--peer ffcv needs {ffcv_venv} (benchmarks/ffcv_setup.sh) and {beton} "
                                    f"(benchmarks/loaders.py --peer ffcv writes it)")
+        numba_vs_dali = None
         if "train-numba" in (names or CONTENDERS):
-            print(f"train-numba vs train-dali, same draws: max |difference| {check_numba_normalize(data):.2e}", flush=True)
+            numba_vs_dali = check_numba_normalize(data)
+            print(f"train-numba vs the train graph's normalize, same draws: max |difference| {numba_vs_dali:.2e}",
+                  flush=True)
         loader = {"data": str(data), "split": "train", "batch_size": BATCH, "workers": threads,
                   "borrow_buffers": True, "channels_last": True}
         plan = [(n, _ours_argv(loader, warmup) if n == "loader" else
@@ -249,7 +258,7 @@ def main() -> None:
                                                  "float32", warmup)))
         results = {"config": {"data": str(data), "batch_size": BATCH, "threads": threads, "cpus": sorted(cores),
                               "rounds": rounds, "window_s": seconds, "window_min_batches": min_batches},
-                   "load_avg_1m_before": os.getloadavg()[0]}
+                   "numba_vs_dali_max_abs_diff": numba_vs_dali, "load_avg_1m_before": os.getloadavg()[0]}
         contenders = []
         try:
             for name, argv in plan:

@@ -106,3 +106,12 @@ def test_the_nhwc_bound_benchmark_runs_its_contenders_and_writes_json(shard_set,
     for s in results["contenders"].values():
         assert len(s["rounds"]) == 2 and s["img_per_s"] > 0 and s["cpu_ms_per_img"] > 0
     assert results["contenders"]["read"]["img_per_s"] > results["contenders"]["train-dali"]["img_per_s"]
+
+
+def test_the_nhwc_bound_benchmark_refuses_a_folder_that_is_no_shard_set_in_one_line(tmp_path):
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(BOUND), "--data", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "manifest.json" in run.stderr.strip().splitlines()[-1]
