@@ -100,13 +100,6 @@ def _numba_normalize(images, mirror, mean, stats):
         outs_ndim=[3], ins_ndim=[3, 1, 1, 1])
 
 
-def _draws():
-    """The train graph's random crop position and mirror (as dali_pipelines.train_pipeline)."""
-    from nvidia.dali import fn
-
-    return fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]), fn.random.coin_flip(probability=0.5)
-
-
 def _turbo_batches(dp, reader, threads: int):
     """(decoded [B, 256, 256, 3] uint8 batch in one of 4 recycled buffers, labels), endlessly."""
     import simplejpeg
@@ -144,13 +137,13 @@ def _read_graph(dp, reader, stats, out, threads):
 
 def _decode_graph(dp, reader, stats, out, threads):
     jpg, label = dp.read_shards(reader)
-    crop_x, crop_y, _ = _draws()
+    crop_x, crop_y, _ = dp.random_window()
     return dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y)), label
 
 
 def _numba_graph(dp, reader, stats, out, threads):
     jpg, label = dp.read_shards(reader)
-    crop_x, crop_y, mirror = _draws()
+    crop_x, crop_y, mirror = dp.random_window()
     images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
     return _numba_normalize(images, mirror, dp.lighting_mean(stats, 0.1)[0], stats), label
 
@@ -160,7 +153,7 @@ def _turbo_graph(dp, reader, stats, out, threads):
 
     images, label = fn.external_source(source=_turbo_batches(dp, reader, threads), num_outputs=2, batch=True,
                                        layout=["HWC", ""])
-    crop_x, crop_y, mirror = _draws()
+    crop_x, crop_y, mirror = dp.random_window()
     return dp.normalize(images, out, dp.lighting_mean(stats, 0.1)[0], list(stats.std_255), crop_x, crop_y, mirror), label
 
 
@@ -201,7 +194,7 @@ def check_numba_normalize(data: str) -> float:
     @pipeline_def
     def both():
         jpg, _ = dp.read_shards(reader)
-        crop_x, crop_y, mirror = _draws()
+        crop_x, crop_y, mirror = dp.random_window()
         images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
         mean = dp.lighting_mean(stats, 0.1)[0]
         return (dp.normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True),

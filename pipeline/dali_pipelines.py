@@ -117,6 +117,13 @@ def normalize(images, out: OutputConfig, mean, std, crop_x, crop_y, mirror, crop
                                     output_layout=out.layout, **crop)
 
 
+def random_window():
+    """Train's draws per sample: the crop's relative position (x, y) uniform in [0, 1] and a fair-coin
+    mirror, by DALI's seeded random operators (augment.py `draw_params` is the NumPy statement)."""
+    return (fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0]),
+            fn.random.coin_flip(probability=0.5))
+
+
 def lighting_mean(stats: ColorStats, lighting_std: float):
     """(per-sample mean on the 0..255 scale with PCA lighting folded in, the drawn alpha [3]):
     255 * (mean - eigvec @ (alpha * eigval)), alpha ~ N(0, lighting_std) per sample (augment.py)."""
@@ -134,9 +141,7 @@ def train_pipeline(reader: ReaderConfig, decoder: DecodeConfig, out: OutputConfi
                    lighting_std: float = 0.1, with_params: bool = False):
     """Random crop + mirror + PCA lighting + normalize; with_params also returns what was drawn."""
     jpg, label = read_shards(reader)
-    crop_x = fn.random.uniform(range=[0.0, 1.0])
-    crop_y = fn.random.uniform(range=[0.0, 1.0])
-    mirror = fn.random.coin_flip(probability=0.5)
+    crop_x, crop_y, mirror = random_window()
     images = decode(jpg, decoder, (out.crop, crop_x, crop_y))
     mean, alpha = lighting_mean(stats, lighting_std)
     normalized = normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=decoder.roi)
