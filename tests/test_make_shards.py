@@ -6,7 +6,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from alexnet_fast.pipeline.shardset import ShardSet
@@ -78,7 +77,6 @@ def test_shards_match_manifest_and_dali_index(shard_set, tmp_path):
 
 
 def test_stats_json_covers_the_train_shards(shard_set):
-    pytest.importorskip("alexnet_fast.pipeline.stats")
     shard_set_ = ShardSet.open(shard_set)
     stats = shard_set_.stats()
     assert stats["images"] == shard_set_.num_samples("train")

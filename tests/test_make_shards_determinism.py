@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,49 @@ def test_a_new_conversion_recipe_is_a_new_job(raw, reference, tmp_path, monkeypa
     monkeypatch.setattr(manifest, "CONVERTER", recorded + " (a later version)")
     with pytest.raises(errors.ShardingError, match="other inputs or options"):
         make_shards(raw, copy, ShardOptions(per_shard=3), workers=1, **QUIET)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupted_run(raw: Path, out: Path, monkeypatch, shards: int) -> None:
+    """make_shards stopped (in this process) right after its `shards`-th finished shard was recorded
+    for resume: the state a killed run leaves."""
+    from alexnet_fast.tools.sharding import resume
+
+    real, saved = resume.save_sidecar, []
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        saved.append(1)
+        if len(saved) == shards:
+            raise _Interrupted
+
+    with monkeypatch.context() as patched:
+        patched.setattr(resume, "save_sidecar", save_then_stop)
+        with pytest.raises(_Interrupted):
+            make_shards(raw, out, ShardOptions(per_shard=3), workers=1, **QUIET)
+    assert len(list((out / ".make_shards").glob("train-*.json"))) == shards
+
+
+@pytest.mark.parametrize("recipe", ["same", "new"])
+def test_an_interrupted_run_is_resumed_only_by_the_same_conversion_recipe(raw, reference, tmp_path, monkeypatch,
+                                                                        recipe):
+    """The finished shards of an interrupted run are reused by a rerun with the same recipe, and
+    redone, not reused, when the recipe (convert.CONVERTER) changed in between."""
+    from alexnet_fast.tools.sharding import manifest
+
+    out = tmp_path / "out"
+    _interrupted_run(raw, out, monkeypatch, shards=2)
+    if recipe == "new":
+        monkeypatch.setattr(manifest, "CONVERTER", manifest.CONVERTER + " (a later version)")
+    report = make_shards(raw, out, ShardOptions(per_shard=3), workers=1, **QUIET)
+    assert report.reused_shards == (2 if recipe == "same" else 0)
+    recorded = json.loads((out / "manifest.json").read_text())["created_by"]["converter"]
+    assert recorded == manifest.CONVERTER
+    shards = {n: d for n, d in _tree_bytes(out).items() if n.endswith((".tar", ".idx"))}
+    assert shards == {n: d for n, d in _tree_bytes(reference).items() if n.endswith((".tar", ".idx"))}
 
 
 def test_resume_after_kill_9_gives_identical_bytes(raw, reference, tmp_path):

@@ -150,7 +150,10 @@ def test_every_sample_exactly_once_across_two_ranks(shard_set, samples):
             loader = _dali(shard_set, split=split, batch_size=batch, rank=rank, world_size=2)
             loader.set_epoch(3)
             images, labels, names, _ = _epoch(loader)
-            assert len(names) == loader.num_samples == len(loader) * batch - (len(loader) * batch - loader.num_samples)
+            assert len(names) == loader.num_samples
+            # batches: val's last one may be partial (ceil), train keeps full ones only (floor)
+            full, rest = divmod(loader.num_samples, batch)
+            assert len(loader) == (full + (rest > 0) if split == "val" else full) and (split == "val" or rest == 0)
             assert [samples[n][1] for n in names] == labels.tolist()
             seen += names
             lengths.append(len(loader))
@@ -161,9 +164,13 @@ def test_every_sample_exactly_once_across_two_ranks(shard_set, samples):
             assert lengths[0] == lengths[1] == (shards.num_samples("train") // 2) // batch and set(seen) <= every
         base = [make_loader(LoaderSpec(data=str(shard_set), split=split, kind="baseline", batch_size=batch,
                                        rank=r, world_size=2)) for r in (0, 1)]
-        if split == "val":
-            labels = sorted(int(y) for b in base for _, ys in b for y in ys)
-            assert labels == sorted(samples[n][1] for n in every) and sum(b.num_samples for b in base) == len(every)
+        base_labels = [[int(y) for _, ys in b for y in ys] for b in base]
+        if split == "val":      # the baseline's val: every label once over the two ranks
+            assert sorted(base_labels[0] + base_labels[1]) == sorted(samples[n][1] for n in every)
+            assert sum(b.num_samples for b in base) == len(every)
+        else:                   # its train: the same count of full batches on both ranks
+            assert [len(b) for b in base] == lengths and [len(ys) for ys in base_labels] == [lengths[0] * batch] * 2
+            assert [b.num_samples for b in base] == [lengths[0] * batch] * 2
 
 
 def test_fixed_seed_is_deterministic_and_epochs_differ(shard_set):

@@ -3,6 +3,7 @@ tensors (no loader, no subprocess): fast and exact."""
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import numpy as np
@@ -153,7 +154,7 @@ def test_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
 def test_failed_save_leaves_the_old_checkpoint_in_place(tmp_path):
     ckpt.save_checkpoint({"model": {}, "epoch": 0, "step": 1, "arch": "a", "num_classes": 1}, tmp_path)
     before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(Exception):                     # a lambda cannot be pickled: the write fails midway
+    with pytest.raises(pickle.PicklingError, match="lambda"):   # a lambda cannot be pickled: the write fails midway
         ckpt.save_checkpoint({"model": {"bad": lambda: 0}, "epoch": 0, "step": 2, "arch": "a",
                               "num_classes": 1}, tmp_path)
     assert (tmp_path / "last.pt").read_bytes() == before

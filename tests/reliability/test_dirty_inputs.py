@@ -79,15 +79,18 @@ def _lace(root: Path, w0: str, w1: str) -> dict[str, str]:
     return expect
 
 
-def _written_sources(out: Path) -> dict[str, str]:
-    """{source path: wnid} of every sample in every shard."""
+def _written_samples(out: Path) -> dict[str, tuple[str, bytes]]:
+    """{source path: (wnid, JPEG bytes)} of every sample in every shard."""
     written = {}
     for tar_path in sorted(out.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
+            parts: dict[str, dict[str, bytes]] = {}
             for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    written[meta["source"]] = meta["wnid"]
+                key, ext = member.name.split(".", 1)
+                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for sample in parts.values():
+            meta = json.loads(sample["json"])
+            written[meta["source"]] = (meta["wnid"], sample["jpg"])
     return written
 
 
@@ -96,8 +99,11 @@ def test_every_input_is_a_sample_or_rejected_with_its_reason(tmp_path):
                                                            min_side=64, max_side=120, val_layout=ValFormat.FOLDERS))
     w0, w1 = tree.classes
     root = tree.root
+    # the generator's own odd files: kept (CMYK, grey, a PNG, a large one) or rejected with their reason
+    generator_reasons = {"empty.JPEG": "empty file", "truncated.JPEG": "truncated", "garbage.JPEG": "not an image"}
+    assert {s.rsplit("_", 1)[-1] for s in tree.rejected} == set(generator_reasons)
     expect = {**{s: KEPT for s in (*tree.train, *tree.val)},
-              **{s: "" for s in tree.rejected}}                   # the generator's own odd files
+              **{s: generator_reasons[s.rsplit("_", 1)[-1]] for s in tree.rejected}}
     expect.update(_lace(root, w0, w1))
     private = root / "train" / w0 / "private"
     try:
@@ -118,7 +124,8 @@ def test_every_input_is_a_sample_or_rejected_with_its_reason(tmp_path):
     out = tmp_path / "out"
     manifest = json.loads((out / "manifest.json").read_text())
     rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
-    written = _written_sources(out)
+    samples = _written_samples(out)
+    written = {source: wnid for source, (wnid, _) in samples.items()}
     assert not set(written) & set(rejected)
     assert set(written) | set(rejected) == set(expect)            # nothing lost, nothing invented
     for path, outcome in expect.items():
@@ -130,8 +137,12 @@ def test_every_input_is_a_sample_or_rejected_with_its_reason(tmp_path):
     assert manifest["classes"] == [w0, w1]
     assert all(wnid == path.split("/")[1] for path, wnid in written.items())
     assert f"rejected {len(rejected)} file(s)" in done.stdout
-    # and the kept odd files really are images
-    sample = next(p for p in out.glob("train-*.tar"))
-    with tarfile.open(sample) as tar:
-        jpg = next(m for m in tar if m.name.endswith(".jpg"))
-        assert Image.open(io.BytesIO(tar.extractfile(jpg).read())).mode == "RGB"
+    # and every kept odd file (named .png, no extension, once locked, the generator's CMYK, grey,
+    # PNG and large ones) really became a 256x256 RGB JPEG
+    odd = [path for path, outcome in expect.items()
+           if outcome == KEPT and path not in tree.train and path not in tree.val or
+           path.rsplit("_", 1)[-1] in ("cmyk.JPEG", "gray.JPEG", "png.JPEG", "large.JPEG")]
+    assert len(odd) >= 6, odd
+    for path in odd:
+        with Image.open(io.BytesIO(samples[path][1])) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (256, 256)), path
