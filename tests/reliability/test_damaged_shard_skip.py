@@ -158,3 +158,12 @@ def test_excluded_samples_are_left_out_and_counted(damaged_copy):
     baseline = make_loader(LoaderSpec(data=str(damaged_copy), split="val", kind="baseline", batch_size=8, workers=1))
     baseline.exclude(names)
     assert sum(len(y) for _, y in baseline) == len(keys) - 2 and sorted(baseline.skipped) == sorted(names)
+
+
+@pytest.mark.parametrize("kind", ["dali", "baseline"])
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_a_missing_tar_stops_both_loaders_in_both_modes(damaged_copy, kind, on_corrupt):
+    tar = damaged_copy / f"{TRAIN_SHARD}.tar"
+    tar.unlink()
+    with pytest.raises(CorruptSampleError, match=f"^shard {tar} is missing: run `alexnet-fast verify"):
+        make_loader(LoaderSpec(data=str(damaged_copy), kind=kind, workers=1, on_corrupt=on_corrupt))

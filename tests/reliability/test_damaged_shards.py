@@ -109,6 +109,23 @@ def test_training_on_a_shard_missing_parts_stops_naming_it(damage, says, train_s
     assert "verify" in error and "--on-corrupt skip" in error
 
 
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_a_missing_tar_stops_the_run_in_both_modes(on_corrupt, train_set, tmp_path):
+    """A shard the manifest lists whose tar is gone: nothing of it is left to read or skip, so
+    `--on-corrupt skip` stops too, naming it, before any step and with no checkpoint written."""
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    (out / SHARD).unlink()
+    run_dir = tmp_path / "run"
+    done = run([*TRAIN, "--data", str(out), "--out", str(run_dir), "--on-corrupt", on_corrupt], timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error == (f"alexnet-fast: error: shard {out / SHARD} is missing: run `alexnet-fast verify {out}` "
+                     "and re-make the damaged shards"), error
+    assert not list(run_dir.glob("*.pt"))
+
+
 def test_training_with_skip_goes_on_past_a_cut_short_shard_and_says_so(train_set, tmp_path):
     out = tmp_path / "set"
     shutil.copytree(train_set, out)
