@@ -81,6 +81,24 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_one(skip_run, tmp_pat
     assert not [p.name for p in copy.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_ends_a_two_process_run_naming_rank_0(train_set, tmp_path):
+    """2 gloo processes; rank 0's checkpoint write at step 2 fails (the file-size limit: EFBIG, as a
+    full disk fails it) while rank 1 would go on to step 3: the run ends (within the 300 s guard,
+    far below the collective timeout rank 1 would otherwise wait out) with one error line naming
+    rank 0 and the cause, and leaves no checkpoint or temp file."""
+    run_dir = tmp_path / "run"
+    done = run([*TRAIN, "--data", str(train_set), "--out", str(run_dir), "--max-steps", "3", "--nproc", "2"],
+               preexec=limits(file_size=64 << 20), timeout=300, extra_env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("alexnet-fast: error:")]
+    assert errors == [f"alexnet-fast: error: rank 0: cannot write a checkpoint to {run_dir} at step 2: File too "
+                      "large; no checkpoint was written"], done.stderr[-3000:]
+    assert sorted(_step_losses(run_dir)) == [1, 2]          # no rank went on to step 3
+    assert not [p.name for p in run_dir.iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
+
+
 def test_checkpoint_cut_short_is_detected_and_the_previous_one_used(skip_run, tmp_path):
     data, run_dir, _ = skip_run
     copy = _linked_copy(run_dir, tmp_path / "run")
