@@ -9,7 +9,9 @@ indices, resume sidecars, stats.json, manifest.json, checkpoints). This wrapper 
 renames: NAME is the final file's path relative to OUT (`train-000003.tar`,
 `.make_shards/train-000003.json`, `manifest.json`, `last.pt`); WHEN is `before` (its temp file is
 complete, the rename has not happened), `during` (its temp file is being written: at the temp
-file's fsync, before it is durable or renamed) or `after` (renamed; nothing after it has run); N (default
+file's fsync, before it is durable or renamed), `midway` (inside the write itself: half of the bytes
+of the temp file's first write call are on disk, the rest never will be; for files written with
+Python's `open`) or `after` (renamed; nothing after it has run); N (default
 1) picks the N-th time that name is made final (last.pt is replaced on every save). The process
 then sends itself a real SIGKILL: no `finally`, atexit or flush runs, exactly as after `kill -9`
 from outside, but at a point of the job that a test can choose and reproduce, instead of a race
@@ -17,6 +19,7 @@ against a timer.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import runpy
 import signal
@@ -44,7 +47,7 @@ def main(argv: list[str]) -> None:
                     trace.write(name + "\n")
     elif mode == "--kill":
         target, when, *nth = arg.split(":")
-        assert when in ("before", "during", "after"), when
+        assert when in ("before", "during", "midway", "after"), when
         seen = [0, int(nth[0]) if nth else 1]     # [times the name was written, the one to kill at]
 
         def kill() -> None:
@@ -54,10 +57,12 @@ def main(argv: list[str]) -> None:
                     f.write(threading.current_thread().name)
             os.kill(os.getpid(), signal.SIGKILL)
 
+        at_rename = when in ("before", "after")
+
         def replace(src, dst, *args, **kwargs):
-            if name_in_out(dst) == target and when != "during":
+            if name_in_out(dst) == target and at_rename:
                 seen[0] += 1
-            hit = name_in_out(dst) == target and seen[0] == seen[1] and when != "during"
+            hit = name_in_out(dst) == target and seen[0] == seen[1] and at_rename
             if hit and when == "before":
                 kill()
             real_replace(src, dst, *args, **kwargs)
@@ -76,6 +81,41 @@ def main(argv: list[str]) -> None:
             return real_fsync(fd)
 
         os.fsync = fsync
+
+        def is_target_temp(file) -> bool:
+            name = name_in_out(file) if isinstance(file, (str, os.PathLike)) else None
+            return name is not None and name.startswith(target + ".tmp")
+
+        class HalfWriter:
+            """The temp file as `open` returned it, except that its first write stops half-way."""
+            def __init__(self, file):
+                self._file = file
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._file.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self._file, name)
+
+            def write(self, data):
+                self._file.write(data[: len(data) // 2])
+                self._file.flush()                # half the bytes reach the file, as a kill mid-write leaves
+                kill()
+
+        real_open = builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            opened = real_open(file, mode, *args, **kwargs)
+            if when == "midway" and "w" in mode and is_target_temp(file):
+                seen[0] += 1
+                if seen[0] == seen[1]:
+                    return HalfWriter(opened)
+            return opened
+
+        builtins.open = open_
     else:
         raise SystemExit(f"killpoint: unknown mode {mode!r}")
 

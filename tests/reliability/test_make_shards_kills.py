@@ -4,8 +4,8 @@ half of one.
 
 Kill points are drawn with a fixed seed from the files an uninterrupted run writes, in the order it
 writes them (shard index, shard tar, resume sidecar per shard, then stats.json and manifest.json),
-each just before or just after the file is renamed into place; killpoint.py delivers the SIGKILL
-from inside the real process at that moment.
+each just before or just after the file is renamed into place, or in the middle of writing a shard;
+killpoint.py delivers the SIGKILL from inside the real process at that moment.
 """
 from __future__ import annotations
 
@@ -57,6 +57,26 @@ def test_killed_at_seeded_random_points_then_identical_bytes(tiny_raw, reference
     assert final.returncode == 0, final.stderr[-3000:]
     # shards, indices, stats.json and manifest.json identical; no temp file or resume state left
     assert tree_bytes(out) == tree_bytes(ref_out)
+
+
+def test_killed_while_writing_a_shard_then_identical_bytes(tiny_raw, reference, tmp_path):
+    """Killed inside the write of a shard's temp file (half its bytes on disk), twice: a train tar,
+    then, in the rerun that resumes from it, the val tar. The next run ends with the bytes of one
+    uninterrupted run and no temp file."""
+    ref_out, writes = reference
+    ref_files = tree_bytes(ref_out)
+    train_tars = [name for name in writes if name.startswith("train-") and name.endswith(".tar")]
+    val_tar = next(name for name in writes if name.startswith("val-") and name.endswith(".tar"))
+    out = tmp_path / "out"
+    for target in (train_tars[len(train_tars) // 2], val_tar):
+        _kill_at(tiny_raw.root, out, target, "midway")
+        half = list(out.glob(f"{target}.tmp.*"))
+        assert len(half) == 1 and half[0].stat().st_size == len(ref_files[target]) // 2, half
+        assert not (out / target).exists()
+
+    final = run([*MAKE_SHARDS, *_command(tiny_raw.root, out, 2)])
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert tree_bytes(out) == ref_files
 
 
 def test_disk_full_keeps_the_good_files_and_a_rerun_finishes(tiny_raw, reference, tmp_path):
