@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 TRAIN = [sys.executable, "-m", "alexnet_fast.tools.cli", "train"]
@@ -96,13 +97,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(shard_set, tmp_path, wait_fo
         wait_for_step(run, 2, [proc], timeout=120)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        out, err = proc.communicate(timeout=60)
+        try:    # how many seconds a stop takes is benchmarks/stop_latency.py's; this tells a hang
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {time.monotonic() - signalled:.0f} s after SIGTERM: a hang, not a stop")
     finally:
         if proc.poll() is None:
             proc.kill()
-    took = time.monotonic() - signalled
+    print(f"SIGTERM to exit: {time.monotonic() - signalled:.1f} s")
     assert proc.returncode == 0, err[-2000:]
-    assert took < 20, f"took {took:.1f} s to stop"
     assert "stopped by SIGTERM" in out
     assert "Traceback" not in err
     saved = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
