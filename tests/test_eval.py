@@ -13,7 +13,7 @@ import torch
 
 from alexnet_fast.model import checkpoint as ckpt
 from alexnet_fast.model.alexnet import build_model
-from alexnet_fast.model.evaluate import class_scores, evaluate
+from alexnet_fast.model.evaluate import EvalResult, class_scores, evaluate
 from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 from alexnet_fast.pipeline.shardset import ShardSet
 from alexnet_fast.tools.cli import main, run_command
@@ -182,3 +182,50 @@ def test_a_corrupt_sample_on_one_rank_stops_both_with_its_name_or_is_skipped(sha
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert json.loads(skipped.stdout)["images"] == 15
     assert "skipped 1 corrupt val image(s)" in skipped.stderr and "Traceback" not in skipped.stderr
+
+
+# -- top-1 / top-5 with a known answer: more classes than 5, the ranks of the labels set by hand ------
+CLASSES, SAMPLES = 10, 20
+
+
+def _ranking_network(rankings: torch.Tensor) -> torch.nn.Module:
+    """A network whose output layer holds, for sample i (its input is the one-hot image of i: i-th
+    of SAMPLES channels, 1x1 pixels), the logits 10, 9, ..., 1 on the classes rankings[i, 0],
+    rankings[i, 1], ...: it ranks the classes of every sample in a known order."""
+    head = torch.nn.Linear(SAMPLES, CLASSES, bias=False)
+    with torch.no_grad():
+        for i, order in enumerate(rankings):
+            head.weight[order, i] = torch.arange(CLASSES, 0, -1, dtype=torch.float32)
+    return torch.nn.Sequential(torch.nn.Flatten(), head)
+
+
+def test_top1_and_top5_count_the_labels_ranked_first_and_in_the_first_five():
+    rankings = torch.stack([torch.randperm(CLASSES, generator=torch.Generator().manual_seed(i))
+                            for i in range(SAMPLES)])
+    label_rank = torch.arange(SAMPLES) % CLASSES             # ranks 0..9, each twice
+    labels = rankings[torch.arange(SAMPLES), label_rank]
+    # by hand: the label is ranked first for ranks 0 (2 samples), in the first five for ranks 0..4 (10)
+    expected_top1, expected_top5 = 2 / SAMPLES, 10 / SAMPLES
+    net = _ranking_network(rankings)
+    one_hot = torch.eye(SAMPLES).view(SAMPLES, SAMPLES, 1, 1)                           # [B, C, H, W] images
+    batches = [(one_hot[i:i + 8], labels[i:i + 8]) for i in range(0, SAMPLES, 8)]      # 8 + 8 + 4
+    assert evaluate(net, batches) == EvalResult(expected_top1, expected_top5, SAMPLES)
+
+    # Ten crops per sample: 7 views of the same order at different confidences, 3 with it reversed.
+    # The average of the ten softmax distributions (float64 here, by hand) then ranks the classes
+    # first, last, second, second-to-last, ...: the reversed views lift the sample's last classes.
+    scales = torch.tensor([1.0, 0.5, 2.0, 1.5, 0.8, 3.0, 1.2, -1.0, -0.6, -0.3])
+    crops = one_hot[:, None] * scales.view(1, 10, 1, 1, 1)                              # [B, 10, C, H, W]
+    with torch.no_grad():
+        probs = net(crops.flatten(0, 1)).double().softmax(dim=1).view(SAMPLES, 10, CLASSES).mean(dim=1)
+    interleaved = [0, 9, 1, 8, 2, 7, 3, 6, 5, 4]
+    assert torch.equal(probs.argsort(dim=1, descending=True), rankings[:, interleaved])
+    top = probs.sort(dim=1, descending=True).values
+    assert (top[:, :-1] - top[:, 1:]).min() > 1e-5           # no tie that float32 rounding (~1e-8 here) could flip
+    # labels at the (single-view) ranks 9, 8, 0 and 5: averaged, ranks 1, 3, 0 and 8
+    label_rank = torch.tensor([9] * 4 + [8] * 4 + [0] * 2 + [5] * 10)
+    labels = rankings[torch.arange(SAMPLES), label_rank]
+    ten = [(crops[i:i + 8], labels[i:i + 8]) for i in range(0, SAMPLES, 8)]
+    # top-1: the 2 at rank 0; top-5: also the 8 at ranks 9 and 8. Averaging logits, or scoring one
+    # view, would find 2 in the top 5, not 10.
+    assert evaluate(net, ten) == EvalResult(2 / SAMPLES, 10 / SAMPLES, SAMPLES)
