@@ -66,7 +66,7 @@ def _kill_first_armed_tar_rename(control: str) -> None:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A local Ray instance with 2 CPUs for this module; yields (its address, the kill-hook control dir)."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test,ray]' runs these tests")
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' installs it")
     import logging
 
     import ray.cloudpickle
@@ -156,7 +156,7 @@ def test_without_ray_the_flag_says_how_to_install_it(raw_imagenet, tmp_path):
 
 
 def test_an_address_nobody_answers_is_one_line(raw_imagenet, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test,ray]' runs these tests")
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' installs it")
     import socket
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
