@@ -5,13 +5,14 @@ Its input here is a shard set whose images say where each pixel came from: red =
 row, blue = the sample's number (3 n + 2), 256x256. A crop, a mirror and a sample can then be read
 off the loader's output directly: the crop's top-left corner from the red and green ramps, the
 mirror from the direction of the red one, the sample from the blue level. Lighting is off where
-positions are read (it shifts each channel by a constant)."""
+positions are read (it shifts each channel by a constant).
+
+`train` and `eval` with `--loader baseline` on the CPU: tests/test_recipes.py (the torchvision
+recipe's run) and tests/test_eval.py (the eval command's counts equal the DALI loader's)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,6 @@ from PIL import Image
 
 from alexnet_fast.pipeline.augment import CROP
 from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
-from alexnet_fast.pipeline.shardset import ShardSet
 from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
 
 SIZE = 256
@@ -150,39 +150,3 @@ def test_val_is_the_centre_crop_unmirrored_and_ten_crop_the_corners_and_centre(c
         centre = got[4]
         assert got[:4] == corners and got[5:9] == [(x, y, True) for x, y, _ in corners], got
         assert abs(centre[0] - 14.5) == 0.5 and centre[0] == centre[1] and got[9] == (*centre[:2], True)
-
-
-# -- `train` / `eval` with --loader baseline, on the CPU --------------------------------------------
-CLI = [sys.executable, "-m", "alexnet_fast.tools.cli"]
-
-
-@pytest.mark.slow
-def test_train_and_eval_run_with_the_baseline_loader_on_the_cpu(shard_set, tmp_path, capsys):
-    import os
-    import subprocess
-
-    from alexnet_fast.tools.cli import main, run_command
-
-    run = tmp_path / "run"
-    done = subprocess.run([*CLI, "train", "--data", str(shard_set), "--out", str(run), "--device", "cpu",
-                           "--loader", "baseline", "--arch", "alexnet-owt", "--batch-size", "8", "--workers", "1",
-                           "--max-steps", "2", "--log-every", "1", "--seed", "3"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run / "config.json").read_text())["loader"] == "baseline"
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if "val_top1" not in r] == [1, 2]
-    assert all(math.isfinite(r["loss"]) for r in steps)
-
-    scores = {}
-    for loader in ("baseline", "dali"):
-        with pytest.raises(SystemExit) as exit_info:
-            run_command(main, "alexnet-fast", ["eval", "--data", str(shard_set), "--checkpoint", str(run),
-                                               "--device", "cpu", "--loader", loader, "--batch-size", "8",
-                                               "--workers", "1", "--json"])
-        captured = capsys.readouterr()
-        assert exit_info.value.code == 0, captured.err
-        scores[loader] = json.loads(captured.out)
-    # the same val images (both decode with libjpeg-turbo's exact IDCT), so the same counts
-    assert scores["baseline"]["images"] == ShardSet.open(shard_set).num_samples("val")
-    assert scores["baseline"] == scores["dali"]

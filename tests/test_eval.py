@@ -115,6 +115,9 @@ def test_eval_command_reports_the_checkpoint_accuracy_as_json(model, shard_set, 
     val = make_loader(LoaderSpec(data=str(shard_set), split="val", batch_size=7, workers=1))
     assert printed == evaluate(model, val).as_dict()
     assert printed["images"] == shards.num_samples("val")
+    # --loader baseline (PIL decode, the NumPy crop) on the CPU: the same images, so the same counts
+    assert _eval_in_process(["--data", shard_set, "--checkpoint", checkpoint.parent, "--device", "cpu",
+                             "--workers", "1", "--loader", "baseline"], capsys) == printed
 
     # A model whose output ignores the image and always says "class 0": top-1 = share of class 0.
     fixed = build_model("alexnet-owt", 4)

@@ -22,8 +22,8 @@ from alexnet_fast.tools.scaling import (ScalingInputs, Strategy, ddp_buckets, de
                                         predict_table, ring_allreduce_seconds)
 
 STAGES = ["read", "decode", "baseline_decode", "model", "end_to_end"]
-REPEATS = 3
-STEPS = 3       # per timed run: a median of 3 runs of 3 steps
+REPEATS = 2
+STEPS = 2       # per timed run: 2 runs of 2 steps (no speed is compared here: a median of few is enough)
 
 
 def _cli(args: list, capsys) -> tuple[int, str, str]:

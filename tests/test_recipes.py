@@ -219,14 +219,18 @@ def test_train_help_names_the_recipes_and_the_papers_flat_start(capsys):
 @pytest.mark.parametrize("recipe", [r.value for r in Recipe])
 def test_recipe_trains_end_to_end_on_the_cpu(recipe, shard_set, tmp_path, capsys):
     """A few real steps of each recipe through the real CLI, loader and trainer (its architecture,
-    init, input scaling, optimizer groups, schedule and eval mode); only the batch and length shrink."""
+    init, input scaling, optimizer groups, schedule and eval mode); only the batch and length shrink.
+    The torchvision recipe's run reads through the baseline loader (`--loader baseline` on the CPU,
+    train and val), the others through DALI's CPU twin."""
     out = tmp_path / "run"
+    loader = "baseline" if recipe == "torchvision" else "dali"
     with pytest.raises(SystemExit) as done:
         run_command(main, "alexnet-fast", ["train", "--recipe", recipe, "--data", str(shard_set), "--out", str(out),
                                            "--device", "cpu", "--batch-size", "4", "--max-steps", "2",
-                                           "--workers", "1", "--log-every", "1"])
+                                           "--workers", "1", "--log-every", "1", "--loader", loader])
     assert done.value.code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
+    assert config["loader"] == loader
     assert {k: config[k] for k in EXPECTED[recipe] if k not in ("batch_size", "max_steps")} == \
         {k: v for k, v in EXPECTED[recipe].items() if k not in ("batch_size", "max_steps")}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
