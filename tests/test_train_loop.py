@@ -154,7 +154,8 @@ def test_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
 def test_failed_save_leaves_the_old_checkpoint_in_place(tmp_path):
     ckpt.save_checkpoint({"model": {}, "epoch": 0, "step": 1, "arch": "a", "num_classes": 1}, tmp_path)
     before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(pickle.PicklingError, match="lambda"):   # a lambda cannot be pickled: the write fails midway
+    # a local lambda cannot be pickled (AttributeError; PicklingError at module level): the write fails midway
+    with pytest.raises((pickle.PicklingError, AttributeError), match="pickle"):
         ckpt.save_checkpoint({"model": {"bad": lambda: 0}, "epoch": 0, "step": 2, "arch": "a",
                               "num_classes": 1}, tmp_path)
     assert (tmp_path / "last.pt").read_bytes() == before
