@@ -24,8 +24,6 @@ from alexnet_fast.pipeline.augment import CROP
 from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
 
-pytestmark = pytest.mark.slow          # ~25 s on 2 cores: the coded set's make_shards and 6 baseline epochs
-
 SIZE = 256
 WNIDS = ["n00000001", "n00000002", "n00000003", "n00000004"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 16, 2          # 64 train samples: 2 ranks x 2 workers x 2 batches of 8
