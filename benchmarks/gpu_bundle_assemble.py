@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(args.manifest.read_text())
     args.store.mkdir(parents=True, exist_ok=True)
     site = args.store / "site"
-    for piece in args.pieces:
+    for piece in [] if site_matches(site, manifest) else args.pieces:     # unpacked already: nothing to keep
         if not piece.is_file():
             print(f"gpu_bundle_assemble: {piece}: no such file", file=sys.stderr)
             return 2
