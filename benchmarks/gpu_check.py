@@ -83,13 +83,14 @@ DRY_RUN = Work(distinct_jpegs=48, repeats=2, batch=16, decode_warmup=1, decode_b
                profile_steps=("--warmup", "1", "--repeats", "1", "--steps", "1"), model_batches=(8, 16))
 
 
-def budget_table() -> str:
+def budget_table(time_scale: float = 1.0) -> str:
     rows = [f"  {phase:9} {PHASE_BUDGET_S[phase]:4d} s  ({', '.join(f'{k} {v}' for k, v in steps.items())})"
             for phase, steps in STEP_BUDGET_S.items()]
     total = sum(PHASE_BUDGET_S.values())
     return "\n".join(["budget (s):", *rows,
                       f"  total     {total:4d} s = {total / 60:.1f} min of one {ONE_CALL_S // 60}-min call: "
-                      f"{(ONE_CALL_S - total) / 60:.1f} min to spare"])
+                      f"{(ONE_CALL_S - total) / 60:.1f} min to spare"]
+                     + ([f"  every budget x {time_scale:g} (--time-scale)"] if time_scale != 1 else []))
 
 
 def make_shim(work: Path) -> Path:
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(summary, child_env(args.extra_site, make_shim(work)), work, args.results, args.dry_run,
                     args.time_scale)
-    print(budget_table(), flush=True)
+    print(budget_table(args.time_scale), flush=True)
     refusal = preflight(summary, runner, phases)
     if refusal:
         return refuse(summary, refusal)

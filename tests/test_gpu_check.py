@@ -163,6 +163,7 @@ def test_the_budgets_leave_two_minutes_of_one_call():
     assert list(gpu_check.STEP_BUDGET_S) == ["preflight", "dali", "torch"] and gpu_check.PHASES[0] == "dali"
 
 
+@pytest.mark.slow       # ~20 s on the loaded 2-core machine: the preflight imports torch and DALI
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the driver would run the checks")
 def test_without_a_gpu_the_check_refuses_in_one_line(tmp_path):
     # --time-scale 4: the preflight's imports get 100 s on a loaded 2-core machine (25 s on the node)
