@@ -83,10 +83,10 @@ DRY_RUN = Work(distinct_jpegs=48, repeats=2, batch=16, decode_warmup=1, decode_b
                profile_steps=("--warmup", "1", "--repeats", "1", "--steps", "1"), model_batches=(8, 16))
 
 
-def budget_table(time_scale: float = 1.0) -> str:
+def budget_table(phases: tuple[str, ...] | list[str] = PHASES, time_scale: float = 1.0) -> str:
     rows = [f"  {phase:9} {PHASE_BUDGET_S[phase]:4d} s  ({', '.join(f'{k} {v}' for k, v in steps.items())})"
-            for phase, steps in STEP_BUDGET_S.items()]
-    total = sum(PHASE_BUDGET_S.values())
+            for phase, steps in STEP_BUDGET_S.items() if phase == "preflight" or phase in phases]
+    total = PHASE_BUDGET_S["preflight"] + sum(PHASE_BUDGET_S[phase] for phase in phases)
     return "\n".join(["budget (s):", *rows,
                       f"  total     {total:4d} s = {total / 60:.1f} min of one {ONE_CALL_S // 60}-min call: "
                       f"{(ONE_CALL_S - total) / 60:.1f} min to spare"]
@@ -345,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(summary, child_env(args.extra_site, make_shim(work)), work, args.results, args.dry_run,
                     args.time_scale)
-    print(budget_table(args.time_scale), flush=True)
+    print(budget_table(phases, args.time_scale), flush=True)
     refusal = preflight(summary, runner, phases)
     if refusal:
         return refuse(summary, refusal)
     no_compile = compile_missing()
+    summary.versions["torch_compile"] = f"skipped: {no_compile}" if no_compile else "C compiler and Python.h found"
     print(f"gpu_check: {summary.device or 'no GPU (dry run)'}, {json.dumps(summary.versions)}; phases "
           f"{', '.join(phases)}; results in {args.results}", flush=True)
     for phase in phases:
