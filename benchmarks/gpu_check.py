@@ -319,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, required=True, help="folder for summary.json, steps.log, profile.json")
     parser.add_argument("--extra-site", type=Path, default=None, help="the reassembled offline bundle (site/)")
     parser.add_argument("--phase", choices=("dali", "torch", "all"), default="all", help="all = dali, then torch")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder [a new temporary one]")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder, kept [a temporary one, removed]")
     parser.add_argument("--dry-run", action="store_true", help="walk every step on a machine without a GPU")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiply every budget (a dry run on a loaded machine; recorded in summary.json)")
@@ -341,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                       time_scale=args.time_scale)
     if args.extra_site is not None and not args.extra_site.is_dir():
         return refuse(summary, f"--extra-site {args.extra_site}: no such folder")
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return run_check(args, summary, phases, args.work)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:      # removed at the end, shards and all
+        return run_check(args, summary, phases, Path(work))
+
+
+def run_check(args: argparse.Namespace, summary: Summary, phases: list[str], work: Path) -> int:
     runner = Runner(summary, child_env(args.extra_site, make_shim(work)), work, args.results, args.dry_run,
                     args.time_scale)
     print(budget_table(phases, args.time_scale), flush=True)
