@@ -22,56 +22,20 @@ on the CPU. Our loader's epochs roll over (set_epoch) inside a window, FFCV's to
 "ratio" (ours / baseline, nchw), "ffcv": {"img_per_s", "layout"} (stock, nhwc when measured),
 "ratio_vs_ffcv" (ours / FFCV stock at that layout), "ratios_vs_ffcv" per layout, stock and tuned}.
 
-`measure(spec, batches, warmup)` is the single in-process run benchmarks/gpu_check.py uses.
+The GPU loader's figure is benchmarks/gpu_check.py's (steady-state batches, gpu_children.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from window_harness import Contender, WindowRule, finished_cpu_seconds, interleave, output_problem, serve  # noqa: E402  (stdlib only)
+from window_harness import Contender, WindowRule, interleave, output_problem, serve  # noqa: E402  (stdlib only)
 
 LAYOUTS = ("nchw", "nhwc")
-
-
-def measure(spec, batches: int, warmup: int) -> dict:
-    """One in-process run: img/s over `batches` batches after `warmup` ones, and CPU-ms per image
-    over the whole run (warm-up included). For the GPU check's single figure; the CPU comparison
-    uses the interleaved windows below."""
-    import gc
-
-    import torch
-
-    from alexnet_fast.pipeline.loaders import make_loader
-
-    cpu_start = finished_cpu_seconds()
-    loader = make_loader(spec)
-    sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
-    images, epoch, start, seen = 0, 0, None, 0
-    while seen < warmup + batches:
-        loader.set_epoch(epoch)
-        for x, _y in loader:
-            seen += 1
-            if seen == warmup:
-                sync()
-                start = time.perf_counter()
-            elif seen > warmup:
-                images += x.shape[0]
-            if seen == warmup + batches:
-                break
-        epoch += 1
-    sync()
-    seconds = time.perf_counter() - start
-    del loader
-    gc.collect()
-    cpu_ms = 1000 * (finished_cpu_seconds() - cpu_start) / (seen * spec.batch_size)
-    return {"img_per_s": images / seconds, "images": images, "seconds": seconds, "epochs_touched": epoch,
-            "cpu_ms_per_img": cpu_ms}
 
 
 # -- the child side: our loaders ------------------------------------------------------------------
