@@ -88,8 +88,9 @@ def test_training_stops_naming_the_corrupt_sample(damaged_train_set, tmp_path):
     done = run([*TRAIN, "--data", str(data), "--out", str(tmp_path / "run")], timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    error = done.stderr.strip().splitlines()[-1]
-    assert error.startswith("alexnet-fast: error: corrupt JPEG")
+    # a line of its own: not after the carriage returns of the progress bar drawn before it
+    error = done.stderr.rstrip("\n").split("\n")[-1]
+    assert error.startswith("alexnet-fast: error: corrupt JPEG"), repr(done.stderr[-500:])
     assert f"{data / shard}, key {key}" in error and "--on-corrupt skip" in error
 
 
