@@ -31,7 +31,8 @@ class DataIdentity:
     @classmethod
     def of(cls, shard_set: ShardSet) -> "DataIdentity":
         splits = {s: shard_set.manifest["splits"][s]["shards"] for s in SPLITS if s in shard_set.manifest["splits"]}
-        content = {"classes": shard_set.classes, "shards": {s: [f["sha256"] for f in files] for s, files in splits.items()}}
+        hashes = {split: [shard["sha256"] for shard in files] for split, files in splits.items()}
+        content = {"classes": shard_set.classes, "shards": hashes}
         fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return cls(fingerprint, {s: len(files) for s, files in splits.items()},
                    {s: sum(int(f["samples"]) for f in files) for s, files in splits.items()})

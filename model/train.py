@@ -29,7 +29,7 @@ from alexnet_fast.model.boundary import EpochBoundary
 from alexnet_fast.model.config import TrainConfig, format_config, save_config
 from alexnet_fast.model.errors import TrainingError
 from alexnet_fast.model.evaluate import EvalResult, evaluate
-from alexnet_fast.model.identity import DataIdentity, resume_refusal
+from alexnet_fast.model.identity import DataIdentity, num_classes_mismatch, resume_refusal
 from alexnet_fast.model.loop import (STOP_CHECK_EVERY_GPU, Engine, EpochResult, LoopHooks, Outcome, StopAgreement,
                                      StopFlag, TrainState, train_one_epoch)
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
@@ -58,6 +58,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     # --- data: the manifest is read once; both loaders share it
     shards = ShardSet.open(cfg.data)
     num_classes = cfg.num_classes or shards.num_classes
+    too_few = num_classes_mismatch(cfg.num_classes, shards)     # (the command said so before RUN existed)
+    if too_few:
+        raise TrainingError(too_few)
     train_loader, val_loader = load_data(cfg, ctx, shards, per_rank_batch, precision)
     loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
     for note in (note for loader in loaders for note in loader.notes):   # --on-corrupt skip went on past damage

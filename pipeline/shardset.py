@@ -70,9 +70,9 @@ class ShardSet:
         path = root / MANIFEST_NAME
         if not path.is_file():
             if looks_like_raw_imagenet(root):
-                raise ShardSetError(f"{str(root)!r} has no {MANIFEST_NAME}: it looks like raw ImageNet, not a shard set "
-                                    f"(write one outside it with `alexnet-fast shards {root} {shard_set_beside(root)}` "
-                                    f"and pass that)")
+                raise ShardSetError(f"{str(root)!r} has no {MANIFEST_NAME}: it looks like raw ImageNet, not a shard "
+                                    f"set (write one outside it with `alexnet-fast shards {root} "
+                                    f"{shard_set_beside(root)}` and pass that)")
             raise ShardSetError(
                 f"{str(root)!r} has no {MANIFEST_NAME}: not a shard set (write one with `alexnet-fast shards RAW {root}`)"
             )

@@ -41,8 +41,9 @@ def eval_command(as_json: bool, **values) -> None:
 
 def check_eval(cfg: EvalConfig) -> str:
     """What `eval` needs before any worker starts: a shard set with a val split, the devices asked
-    for, a readable checkpoint trained on the shard set's classes (model/identity.py). Returns the checkpoint file
-    (a run directory resolved to its newest good one, so every rank loads the same file)."""
+    for, a readable checkpoint trained on the shard set's classes (model/identity.py). Returns the
+    checkpoint file (a run directory resolved to its newest good one, so every rank loads the same
+    file)."""
     from alexnet_fast.model import checkpoint as ckpt
     from alexnet_fast.model.identity import eval_mismatch
 

@@ -138,6 +138,16 @@ def test_train_refuses_a_run_its_data_cannot_fill_before_creating_run(flags, say
 
 
 @pytest.mark.parametrize("out,says", [
+    ("{data}", "is the shard set --data"),
+    ("{data}/run", "is inside the shard set --data"),
+], ids=["out-is-data", "out-inside-data"])
+def test_train_refuses_to_write_its_run_into_the_shard_set(out, says, sets):
+    data = sets["trained"]
+    refused([*TRAIN, "--data", str(data), "--out", out.format(data=data)], [says, "go outside it"], data)
+    assert not (data / "run").exists()
+
+
+@pytest.mark.parametrize("out,says", [
     ("{raw}", "is RAW itself"),
     ("{raw}/shards", "is inside RAW"),
     ("{raw}/train/shards", "is inside RAW"),
