@@ -203,10 +203,12 @@ def test_a_run_error_after_its_progress_bar_is_a_line_of_its_own(sets, tmp_path)
     """A run that fails once its progress bar is drawn (an lr that makes the loss inf at step 2)
     prints its error as a whole line: split at newlines only, not after the bar's carriage returns
     (a pipe here; on a terminal the line is erased first)."""
-    done = run([*TRAIN, "--data", str(sets["trained"]), "--out", str(tmp_path / "run"), "--lr", "1e30",
-                "--max-steps", "4"], timeout=300)
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "|" in done.stderr, "the progress bar was drawn before the failure"
-    assert done.stderr.endswith("\n")
-    last = done.stderr[:-1].split("\n")[-1]
-    assert last.startswith("alexnet-fast: error: loss became NaN/inf at step 2"), repr(done.stderr[-400:])
+    # bytes, not text=True: universal newlines would turn the bar's carriage returns into newlines
+    done = subprocess.run([*TRAIN, "--data", str(sets["trained"]), "--out", str(tmp_path / "run"), "--lr", "1e30",
+                           "--max-steps", "4"], capture_output=True, env=env(), timeout=300)
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr[-3000:]
+    assert "\r" in stderr and "|" in stderr, "the progress bar was drawn before the failure"
+    assert stderr.endswith("\n")
+    last = stderr[:-1].split("\n")[-1]
+    assert last.startswith("alexnet-fast: error: loss became NaN/inf at step 2"), repr(stderr[-400:])
