@@ -17,7 +17,8 @@ What a checkpoint holds is written in one place, `capture` (and read back in `re
     {"format": CHECKPOINT_FORMAT, "model": unwrapped state_dict, "optimizer", "scheduler", "scaler",
      "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states],
      "loader": [per-rank train loader state_dict(): the DALI pipeline checkpoint, to resume mid-epoch],
-     "config": {...}, "arch", "num_classes", "classes", "world_size"}
+     "config": {...}, "arch", "num_classes", "classes", "world_size",
+     "data": {"fingerprint", "shards", "samples"} (model/identity.py: which shard set it was trained on)}
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import os
 import random
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class RunIdentity:
     num_classes: int
     classes: list[str]
     world_size: int
+    data: dict = field(default_factory=dict)    # model.identity.DataIdentity.as_dict() of the shard set
 
 
 def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: list[dict],
@@ -78,7 +80,7 @@ def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: 
         "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
         "best_top1": state.best_top1, "rng": rng, "loader": loaders,
         "config": identity.config, "arch": identity.arch, "num_classes": identity.num_classes,
-        "classes": identity.classes, "world_size": identity.world_size,
+        "classes": identity.classes, "world_size": identity.world_size, "data": identity.data,
     }
 
 
@@ -256,14 +258,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load one checkpoint file onto the CPU; CheckpointError if it is missing, truncated or not ours."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load one checkpoint file onto the CPU; CheckpointError if it is missing, truncated or not ours.
+    mmap: map the tensors instead of reading them (~0.03 s instead of ~1 s for AlexNet's): for
+    reading what a checkpoint is (model/identity.py), not its weights."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         # weights_only=False: the checkpoint holds RNG states and the config (our own files only).
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, flipped bytes, not a torch file: all "unreadable"
         msg = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__   # torch's first sentence
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged or truncated ({msg})") from None
@@ -273,13 +277,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(path_or_run_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[dict, Path]:
+def load_checkpoint(path_or_run_dir: str | Path, warn: Callable[[str], None] | None = None,
+                    mmap: bool = False) -> tuple[dict, Path]:
     """A checkpoint file, or a run directory's newest good one: last.pt, else (with a warning)
     last.prev.pt. Returns (state, the path it came from). The warning goes to `warn` (commands
     print it as one line) or, without it, to Python's warnings."""
     target = Path(path_or_run_dir)
     if not target.is_dir():
-        return read_checkpoint(target), target
+        return read_checkpoint(target, mmap), target
     candidates = [target / LAST, target / PREVIOUS]
     errors = []
     for candidate in candidates:
@@ -287,7 +292,7 @@ def load_checkpoint(path_or_run_dir: str | Path, warn: Callable[[str], None] | N
             errors.append(f"{candidate.name} missing")
             continue
         try:
-            state = read_checkpoint(candidate)
+            state = read_checkpoint(candidate, mmap)
         except CheckpointError as e:
             errors.append(str(e))
             continue

@@ -127,6 +127,8 @@ class TrainConfig:
     eval_every: int = _f(1, "evaluate every this many epochs (and always the final one); recipes keep evaluation "
                             "<= 5% of the training FLOPs at ImageNet scale (paper, 10 crops: 3)")
     resume: bool = _f(False, "continue from OUT/last.pt (the previous good one if it is damaged)")
+    allow_other_data: bool = _f(False, "with --resume: continue on a shard set other than the one the run was "
+                                       "trained on (same classes; an epoch in progress goes on in the new set's order)")
 
     # derived ------------------------------------------------------------------------------------
     @property

@@ -124,11 +124,16 @@ def transport_reason(error: BaseException) -> str:
     return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
+def launched_by_us() -> bool:
+    """True in a worker our own launcher (`launch`) started: the command above it reports the run."""
+    return under_launcher() and bool(os.environ.get(SELF_LAUNCHED))
+
+
 def leave_after_stop() -> None:
     """In a worker our own launcher spawned, after a stop by signal with the checkpoint written:
     exit now. The launcher is shutting down and waits for the workers to exit, not for their
     return values (the normal hand-back would block until its 30 s kill timeout)."""
-    if under_launcher() and os.environ.get(SELF_LAUNCHED):
+    if launched_by_us():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -192,6 +197,9 @@ def launch(entrypoint: Callable[..., Any], nproc: int, args: tuple = ()) -> dict
     # the launcher's own log of it is a traceback of its polling code, not of the worker.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)   # "Terminating process ..."
+    # A stop by signal is reported in one line by the command too; the agent's "Received 2 death
+    # signal, shutting down workers" would be a second one, written into a live progress bar.
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     # A worker that died (SIGKILL, or exit_failed's os._exit) leaves its semaphores to Python's
     # resource tracker, which then warns about the "leak" at exit; it inherits -W options from here.
     if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:

@@ -13,6 +13,7 @@ steps (model/loop.py StopAgreement), write RUN/last.pt and exit 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from alexnet_fast.model.boundary import EpochBoundary
 from alexnet_fast.model.config import TrainConfig, format_config, save_config
 from alexnet_fast.model.errors import TrainingError
 from alexnet_fast.model.evaluate import EvalResult, evaluate
+from alexnet_fast.model.identity import DataIdentity, num_classes_mismatch, resume_refusal
 from alexnet_fast.model.loop import (STOP_CHECK_EVERY_GPU, Engine, EpochResult, LoopHooks, Outcome, StopAgreement,
                                      StopFlag, TrainState, train_one_epoch)
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
@@ -56,6 +58,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     # --- data: the manifest is read once; both loaders share it
     shards = ShardSet.open(cfg.data)
     num_classes = cfg.num_classes or shards.num_classes
+    too_few = num_classes_mismatch(cfg.num_classes, shards)     # (the command said so before RUN existed)
+    if too_few:
+        raise TrainingError(too_few)
     train_loader, val_loader = load_data(cfg, ctx, shards, per_rank_batch, precision)
     loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
     for note in (note for loader in loaders for note in loader.notes):   # --on-corrupt skip went on past damage
@@ -71,11 +76,12 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     optimizer = make_optimizer(cfg, model, ctx.device)
     objects = ckpt.RunObjects(model, optimizer, *make_schedulers(cfg, optimizer, steps_per_epoch),
                               scaler=torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16"))
-    identity = ckpt.RunIdentity(cfg.to_dict(), cfg.arch, num_classes, shards.classes, ctx.world_size)
+    identity = ckpt.RunIdentity(cfg.to_dict(), cfg.arch, num_classes, shards.classes, ctx.world_size,
+                                DataIdentity.of(shards).as_dict())
     seed_everything(cfg.seed + ctx.rank)     # each rank its own dropout masks
 
     # --- resume
-    state, loader_state, resumed_at = resume_or_start(cfg, ctx, objects, identity)
+    state, loader_state, resumed_at = resume_or_start(cfg, ctx, objects, identity, shards)
     ddp_model = D.wrap_ddp(model, ctx, cfg.grad_compression)
     engine = Engine(torch.compile(ddp_model) if cfg.compile else ddp_model, optimizer, objects.scaler,
                     objects.step_scheduler, ctx.device, precision, cfg.channels_last, cfg.label_smoothing)
@@ -113,8 +119,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 checkpoints.save(state)
                 checkpoints.finish()
                 name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
-                say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {run_dir / ckpt.LAST}"
-                         f" (continue with --resume)")
+                if not D.launched_by_us():  # our launcher got the signal too: its command says it, once
+                    say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {run_dir / ckpt.LAST}"
+                             f" (continue with --resume)")
                 result["outcome"] = Outcome.STOPPED.value
                 break
             finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
@@ -209,11 +216,13 @@ def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, shard_set: Sha
             loader.exclude(changed)
 
 
-def resume_or_start(cfg: TrainConfig, ctx: D.DistContext, objects: ckpt.RunObjects,
-                    identity: ckpt.RunIdentity) -> tuple[TrainState, dict | None, int | None]:
+def resume_or_start(cfg: TrainConfig, ctx: D.DistContext, objects: ckpt.RunObjects, identity: ckpt.RunIdentity,
+                    shards: ShardSet) -> tuple[TrainState, dict | None, int | None]:
     """With --resume and a checkpoint in the run directory: load it into `objects` (its newest good
     one: last.pt, else last.prev.pt with a warning) and return where the run stands, this rank's
-    train loader state and the step it resumed at. Otherwise a fresh start (resumed at None)."""
+    train loader state and the step it resumed at. Otherwise a fresh start (resumed at None).
+    A checkpoint of another network, class list or (without --allow-other-data) shard set is
+    refused (the command checked it already, before touching RUN: this holds for API callers)."""
     run_dir = Path(cfg.out)
     if not cfg.resume:
         return TrainState(), None, None
@@ -221,7 +230,15 @@ def resume_or_start(cfg: TrainConfig, ctx: D.DistContext, objects: ckpt.RunObjec
         say(ctx, f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
         return TrainState(), None, None
     saved, path = ckpt.load_checkpoint(run_dir, lambda message: warn(ctx, message))
+    refusal = resume_refusal(saved, path, arch=identity.arch, num_classes=identity.num_classes, shard_set=shards,
+                             allow_other_data=cfg.allow_other_data)
+    if refusal:
+        raise TrainingError(refusal)
     restored = ckpt.restore(saved, objects, identity, ctx.rank, path)
+    if saved.get("data", {}).get("fingerprint") not in (None, identity.data["fingerprint"]):
+        # --allow-other-data: the saved loader position is one in the other shard set's order
+        restored = dataclasses.replace(restored, loader=None)
+        say(ctx, f"--allow-other-data: continuing on {cfg.data}, another shard set than the one in {path}")
     if restored.rng is not None:
         ckpt.set_rng_state(restored.rng)
     else:   # another world size: continue, but dropout masks cannot replay exactly
@@ -362,9 +379,11 @@ def say(ctx: D.DistContext, message: str) -> None:
 
 
 def warn(ctx: D.DistContext, message: str) -> None:
-    """One warning line on stderr from rank 0."""
+    """One warning line on stderr from rank 0 (tqdm-safe: never glued to a live progress bar)."""
     if ctx.is_main:
-        print(f"alexnet-fast train: warning: {message}", file=sys.stderr, flush=True)
+        from tqdm import tqdm
+        tqdm.write(f"alexnet-fast train: warning: {message}", file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _log_and_show(log: RunLog, bar: Any) -> Callable[[dict], None]:

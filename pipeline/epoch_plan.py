@@ -32,6 +32,11 @@ def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
+def train_batches(total: int, world_size: int, batch_size: int) -> int:
+    """Full batches per epoch on every rank: the smallest rank's ((N // k) // batch_size)."""
+    return (total // world_size) // batch_size
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from several integers (DALI seeds are signed ints)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
@@ -56,7 +61,7 @@ class EpochPlan:
             shards = [shards[i] for i in order]
         start, stop = rank_range(total, spec.rank, spec.world_size)
         if train:
-            batches = (total // spec.world_size) // spec.batch_size   # the smallest rank's full batches
+            batches = train_batches(total, spec.world_size, spec.batch_size)
             if batches == 0:
                 raise ValueError(f"{total} train samples over {spec.world_size} rank(s) do not fill one batch of "
                                  f"{spec.batch_size}: use a smaller batch size")

@@ -69,6 +69,10 @@ class ShardSet:
             raise ShardSetError(f"shard directory {str(root)!r} {problem}")
         path = root / MANIFEST_NAME
         if not path.is_file():
+            if looks_like_raw_imagenet(root):
+                raise ShardSetError(f"{str(root)!r} has no {MANIFEST_NAME}: it looks like raw ImageNet, not a shard "
+                                    f"set (write one outside it with `alexnet-fast shards {root} "
+                                    f"{shard_set_beside(root)}` and pass that)")
             raise ShardSetError(
                 f"{str(root)!r} has no {MANIFEST_NAME}: not a shard set (write one with `alexnet-fast shards RAW {root}`)"
             )
@@ -113,6 +117,17 @@ class ShardSet:
         if not path.is_file():
             raise ShardSetError(f"{str(self.root)!r} has no {STATS_NAME} (compute it with `alexnet-fast stats {self.root}`)")
         return json.loads(path.read_text())
+
+
+def looks_like_raw_imagenet(root: Path) -> bool:
+    """A folder make_shards reads (train/ or val/ folders, ILSVRC2012_img_*.tar, Kaggle's ILSVRC/)."""
+    return any((root / name).exists() for name in ("train", "val", "ILSVRC")) or any(root.glob("ILSVRC2012_img_*.tar"))
+
+
+def shard_set_beside(raw: str | Path) -> Path:
+    """Where to suggest writing the shard set of the raw tree `raw`: next to it, never inside it."""
+    raw = Path(raw).resolve()
+    return raw.with_name(f"{raw.name}-shards")
 
 
 @functools.lru_cache(maxsize=16)

@@ -72,14 +72,25 @@ def run_command(command: click.Command, prog_name: str, args: list[str] | None =
         click.echo(f"{where}: error: {e.format_message()} (see --help)", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"{prog_name}: error: {e.format_message()}", err=True)
+        click.echo(f"{line_start(getattr(e, 'after_progress', False))}{prog_name}: error: {e.format_message()}",
+                   err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo(f"{prog_name}: interrupted", err=True)
+        click.echo(f"{line_start(True)}{prog_name}: interrupted", err=True)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def line_start(after_progress: bool) -> str:
+    """What puts an error line at the start of a line of its own on stderr, never at the end of a
+    progress bar a run left there: on a terminal, back to column 0 and erase the line (a no-op
+    after a finished line); in a pipe or a log file, a newline after a run's bars (tqdm draws with
+    carriage returns only)."""
+    if sys.stderr.isatty():
+        return "\r\033[K"
+    return "\n" if after_progress else ""
 
 
 def run() -> None:

@@ -41,9 +41,11 @@ def eval_command(as_json: bool, **values) -> None:
 
 def check_eval(cfg: EvalConfig) -> str:
     """What `eval` needs before any worker starts: a shard set with a val split, the devices asked
-    for, a readable checkpoint with as many classes as the shard set. Returns the checkpoint file
-    (a run directory resolved to its newest good one, so every rank loads the same file)."""
+    for, a readable checkpoint trained on the shard set's classes (model/identity.py). Returns the
+    checkpoint file (a run directory resolved to its newest good one, so every rank loads the same
+    file)."""
     from alexnet_fast.model import checkpoint as ckpt
+    from alexnet_fast.model.identity import eval_mismatch
 
     shards = open_shards(cfg.data, "val")
     device = check_device(cfg.device, cfg.gpus)
@@ -53,12 +55,13 @@ def check_eval(cfg: EvalConfig) -> str:
         if is_rank_zero():
             click.echo(f"alexnet-fast eval: warning: {message}", err=True)
 
-    try:
-        state, path = ckpt.load_checkpoint(cfg.checkpoint, warn)
+    try:    # what the checkpoint is, not its weights (mapped, not read): each rank loads those
+        state, path = ckpt.load_checkpoint(cfg.checkpoint, warn, mmap=True)
     except ckpt.CheckpointError as e:
         raise UserError(str(e)) from None
-    if state["num_classes"] != shards.num_classes:
-        raise UserError(f"the checkpoint has {state['num_classes']} classes, the shard set {shards.num_classes}")
+    problem = eval_mismatch(state, shards)      # labels are class indices: the same wnids, in the same order
+    if problem:
+        raise UserError(f"{problem}: {path} cannot be scored on it")
     return str(path)
 
 

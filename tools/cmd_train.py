@@ -26,12 +26,61 @@ def config_from_flags(config_file: str | None, flags: dict) -> TrainConfig:
         raise click.BadParameter(str(e), param_hint=flag_name(e.field)) from None
 
 
-def check_devices(cfg: TrainConfig) -> None:
+def check_devices(cfg: TrainConfig) -> int:
+    """The devices and the global batch; returns the number of ranks the run will have."""
     device = check_device(cfg.device, cfg.gpus)
     if device == "cpu" and cfg.grad_compression == "bf16":
         raise click.BadParameter("bf16 compression needs NCCL (a GPU run); gloo has no bf16 all-reduce hook",
                                  param_hint="--grad-compression")
-    check_global_batch(cfg.batch_size, world_size(device, cfg.gpus, cfg.nproc))
+    ranks = world_size(device, cfg.gpus, cfg.nproc)
+    check_global_batch(cfg.batch_size, ranks)
+    return ranks
+
+
+def check_run(cfg: TrainConfig, shards, ranks: int) -> None:
+    """What the run needs of its data and of the run it continues, checked before RUN is created
+    or anything in it touched, so a refusal is one line, exit 2, and RUN stays as it was."""
+    check_data_fits(cfg, shards, ranks)
+    if cfg.resume:
+        check_resume(cfg, shards)
+
+
+def check_data_fits(cfg: TrainConfig, shards, ranks: int) -> None:
+    """A RUN outside the shard set, a full batch per epoch, a class count that covers the labels."""
+    from alexnet_fast.model.identity import num_classes_mismatch
+    from alexnet_fast.pipeline.epoch_plan import train_batches
+
+    data, out = Path(cfg.data).resolve(), Path(cfg.out).resolve()
+    if out == data or data in out.parents:
+        raise UserError(f"--out {cfg.out} is {'the shard set' if out == data else 'inside the shard set'} --data "
+                        f"{cfg.data}: a run's checkpoints and logs go outside it")
+    samples = shards.num_samples("train")
+    if not train_batches(samples, ranks, cfg.batch_size // ranks):
+        over = f" over {ranks} ranks" if ranks > 1 else ""
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {samples} train images of --data "
+                        f"{cfg.data}{over}: no full batch per epoch; use a smaller one")
+    problem = num_classes_mismatch(cfg.num_classes, shards)
+    if problem:
+        raise UserError(problem)
+
+
+def check_resume(cfg: TrainConfig, shards) -> None:
+    """--resume: the checkpoint it would continue from has the flags' arch and output count, the
+    data's classes and (unless --allow-other-data) its shard set (model/identity.py). Reads only
+    the checkpoint's metadata (mapped, ~0.03 s)."""
+    from alexnet_fast.model import checkpoint as ckpt
+    from alexnet_fast.model.identity import resume_refusal
+
+    if not ckpt.has_checkpoint(cfg.out):
+        return
+    try:
+        saved, path = ckpt.load_checkpoint(cfg.out, warn=lambda message: None, mmap=True)
+    except ckpt.CheckpointError:
+        return      # the run's own resume says so (and what it can fall back on)
+    refusal = resume_refusal(saved, path, arch=cfg.arch, num_classes=cfg.num_classes or shards.num_classes,
+                             shard_set=shards, allow_other_data=cfg.allow_other_data)
+    if refusal:
+        raise UserError(f"{refusal}; or train into another --out")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -46,9 +95,22 @@ def train(cfg: TrainConfig) -> dict:
                 run_failures_as_one_line("training", f"; continue from the last checkpoint with --resume --out {cfg.out}"):
             return run_training(cfg)
     except SignalException as e:
-        # The launcher passed the signal on to the workers, which wrote RUN/last.pt and exited.
-        click.echo(f"stopped by signal {e.sigval.name}; continue with --resume --out {cfg.out}", err=True)
+        # The launcher passed the signal on to the workers, which wrote RUN/last.pt and exited
+        # without a word (model/train.py): this is the one line about it, as a one-process run's.
+        click.echo(stopped_line(cfg.out, e.sigval.name))
         return {"outcome": "stopped"}
+
+
+def stopped_line(run_dir: str, signal_name: str) -> str:
+    """What a run stopped by `signal_name` left: the step its newest checkpoint holds (read from
+    the checkpoint, whatever the workers managed to write before they exited)."""
+    from alexnet_fast.model import checkpoint as ckpt
+
+    try:
+        saved, path = ckpt.load_checkpoint(run_dir, warn=lambda message: None, mmap=True)
+    except ckpt.CheckpointError:
+        return f"stopped by {signal_name} before a checkpoint was written"
+    return f"stopped by {signal_name}: {path} holds step {saved['step']} (continue with --resume --out {run_dir})"
 
 
 def holding_run_directory(cfg: TrainConfig) -> contextlib.AbstractContextManager:
@@ -109,9 +171,9 @@ def train_command(config_file: str | None, **flags) -> None:
     cfg = config_from_flags(config_file, flags)
     if not cfg.data:
         raise click.UsageError("--data SHARDS is required (a directory written by `alexnet-fast shards`)")
-    open_shards(cfg.data)
+    shards = open_shards(cfg.data)
     check_out_dir(cfg.out, "--out")
-    check_devices(cfg)
+    check_run(cfg, shards, check_devices(cfg))
     train(cfg)
 
 

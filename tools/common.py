@@ -71,6 +71,13 @@ def open_shards(data: str, split: str = "train"):
     return shards
 
 
+class RunFailure(click.ClickException):
+    """A run that failed once it had started (exit 1): its progress bars (this process's or its
+    workers', on the same stderr) may have left a line unfinished, so the error starts a new one."""
+
+    after_progress = True
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
@@ -88,18 +95,18 @@ def run_failures_as_one_line(what: str, hint: str = "") -> Iterator[None]:
         yield
     except user_errors() as e:
         if is_rank_zero():
-            raise click.ClickException(str(e)) from None
+            raise RunFailure(str(e)) from None
         sys.exit(1)
     except ChildFailedError as e:
         raise worker_failure(e, what, hint) from None
 
 
-def worker_failure(error, what: str, hint: str = "") -> click.ClickException:
+def worker_failure(error, what: str, hint: str = "") -> RunFailure:
     """One line for the launcher's ChildFailedError. A worker that raised a user error wrote it
     (model.distributed.exit_failed: "rank N: ..."); one killed by a signal (the out-of-memory
     killer's SIGKILL, a scheduler) wrote nothing, so the signal is named here."""
     if not error.failures:
-        return click.ClickException(f"a {what} worker failed{hint}")
+        return RunFailure(f"a {what} worker failed{hint}")
     from alexnet_fast.model.distributed import LOST_CONTACT
 
     # The cause is a rank killed by a signal, else a rank that failed first-hand (a corrupt sample,
@@ -115,7 +122,7 @@ def worker_failure(error, what: str, hint: str = "") -> click.ClickException:
         name = failure.signal_name()
         cause = f"was killed by {name}" + (" (the out-of-memory killer sends that)" if name == "SIGKILL" else "")
     elif isinstance(failure.message, str) and failure.message.startswith("rank "):   # D.exit_failed's
-        return click.ClickException(failure.message)
+        return RunFailure(failure.message)
     else:
         cause = f"failed (exit code {failure.exitcode}); its error is printed above"
-    return click.ClickException(f"the {what} worker of rank {rank} {cause}{hint}")
+    return RunFailure(f"the {what} worker of rank {rank} {cause}{hint}")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME
+from alexnet_fast.pipeline.shardset import MANIFEST_NAME, SPLITS, STATS_NAME, shard_set_beside
 from alexnet_fast.pipeline.stats import compute_stats, stats_from_moments, sum_moments, write_stats
 from alexnet_fast.pipeline.stats import warm_up as stats_warm_up
 from alexnet_fast.tools.run_lock import DirectoryInUse, LockError, hold_directory
@@ -115,6 +115,22 @@ def _holding_out(out: Path, log: Callable[[str], None]) -> contextlib.AbstractCo
     return stack
 
 
+def _check_apart(raw: Path, out: Path) -> None:
+    """OUT and RAW must not overlap: shards written into the raw tree (OUT = RAW, or OUT inside it)
+    would be read back as raw input by the next run, and a RAW inside OUT would have its files
+    next to (or among) the shards. Symlinks are followed, so another name for the same folder is
+    caught too. Checked before OUT is created."""
+    raw_path, out_path = raw.resolve(), out.resolve()
+    if raw_path == out_path or raw_path in out_path.parents:
+        where = "is RAW itself" if raw_path == out_path else f"is inside RAW {str(raw)!r}"
+    elif out_path in raw_path.parents:
+        where = f"holds RAW {str(raw)!r}"
+    else:
+        return
+    raise ShardingError(f"OUT {str(out)!r} {where}: the shards must be written outside the raw tree "
+                        f"(e.g. {shard_set_beside(raw)})")
+
+
 def _check_out(out: Path) -> None:
     """OUT (already created and locked) takes new files."""
     try:
@@ -186,6 +202,8 @@ def make_shards(
     raw, out = Path(raw), Path(out)
     workers = workers or default_workers()
     executor = executor or LocalExecutor(workers)
+    if raw.is_dir():    # (a RAW that is no folder is discover's one line)
+        _check_apart(raw, out)
     discovery = discover(raw)
     with _holding_out(out, log):  # before any log line: a bad or busy OUT is a one-line error
         _check_out(out)
