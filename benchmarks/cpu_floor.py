@@ -46,7 +46,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from window_harness import Contender, WindowRule, interleave, serve  # noqa: E402  (stdlib only)
+from nhwc_bound import _setup  # noqa: E402  (the same shard set, reader and colour statistics)
+from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
 DALI_STAGES = ("read", "decode", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
 FUSED_STAGES = ("draws", "turbo", "fused", "fused-chw")
@@ -163,18 +164,6 @@ class FusedBatches:
 
 
 # -- the DALI stages ----------------------------------------------------------------------------------
-def _setup(data: str):
-    from alexnet_fast.pipeline import dali_pipelines as dp
-    from alexnet_fast.pipeline.augment import ColorStats
-    from alexnet_fast.pipeline.shardset import ShardSet
-
-    shard_set = ShardSet.open(data)
-    shards = shard_set.shards("train")
-    reader = dp.ReaderConfig(paths=tuple(str(s.tar) for s in shards), index_paths=tuple(str(s.index) for s in shards),
-                             shuffle=True, initial_fill=min(4096, shard_set.num_samples("train")), seed=1)
-    return dp, reader, ColorStats.from_dict(shard_set.stats())
-
-
 def _stage_graph(name: str, dp, reader, stats):
     """The outputs of DALI stage `name` (cumulative: see the module docstring)."""
     from nvidia.dali import types
@@ -301,17 +290,9 @@ def main() -> None:
         plan = [(n, _ours_argv(loader, warmup) if n == "loader" else
                  [sys.executable, str(Path(__file__).resolve()), "--serve", n, str(data), str(threads), str(warmup)])
                 for n in (names or CONTENDERS)]
-        contenders = []
-        try:
-            for name, argv in plan:
-                contenders.append(Contender(name, argv, cpus=cores))
-                print(f"{name:>14}: warm-up {contenders[-1].warmup['warmup_s']:.1f} s", flush=True)
-            interleave(contenders, rounds, WindowRule(seconds, min_batches), log=lambda line: print(line, flush=True))
-        finally:
-            for c in contenders:
-                c.close()
+        results["contenders"] = run_contenders(plan, cores, rounds, WindowRule(seconds, min_batches),
+                                               log=lambda line: print(line, flush=True))
         results["load_avg_1m_after"] = os.getloadavg()[0]
-        results["contenders"] = {c.name: c.summary() for c in contenders}
         print(f"\nmedians over {rounds} windows; load {results['load_avg_1m_before']:.1f} -> "
               f"{results['load_avg_1m_after']:.1f}")
         previous = None
@@ -329,8 +310,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":     # a contender's child process
-        name, data, threads, warmup = sys.argv[2:6]
-        serve(lambda: _batches(name, data, int(threads)), int(warmup))
-    else:
-        main()
+    serve_or_run(_batches, main)
