@@ -10,10 +10,11 @@ The same graph runs in three placements, built by one function (`decode`):
   placements: the second one's graph with its GPU part on the CPU, the first one's with the
   decoder's backend changed.
 Every operator and parameter after the decoder is identical in all three, so what the CPU tests
-check is what the GPU runs. One known difference inside the decoder: the mixed backend's default chroma upsampling
-(`jpeg_fancy_upsampling=False`) is not libjpeg-turbo's, so GPU-decoded pixels can differ from the
-CPU twin's by a few levels; the default is kept because its effect on the hardware decoder's
-throughput is unmeasured here (no GPU was lent to this project).
+check is what the GPU runs. One known difference inside the decoder: the mixed backend's default
+chroma upsampling (`jpeg_fancy_upsampling=False`) is not libjpeg-turbo's, so GPU-decoded pixels can
+differ from the CPU twin's by a few levels (CPU-decoded ones, on either device, cannot); the default
+is kept because its effect on the hardware decoder's throughput is unmeasured here (no GPU was lent
+to this project).
 
 Train: random crop position, coin-flip mirror and lighting alpha are drawn by DALI's own seeded
 random operators, and lighting is folded into a per-sample mean of one `crop_mirror_normalize`
