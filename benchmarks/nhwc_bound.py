@@ -39,7 +39,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from window_harness import Contender, WindowRule, interleave, serve  # noqa: E402  (stdlib only)
+from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
 CONTENDERS = ("loader", "train-dali", "train-nockpt", "read", "decode-dali", "decode-turbo", "train-numba", "train-turbo")
 BATCH = 64
@@ -252,17 +252,9 @@ def main() -> None:
         results = {"config": {"data": str(data), "batch_size": BATCH, "threads": threads, "cpus": sorted(cores),
                               "rounds": rounds, "window_s": seconds, "window_min_batches": min_batches},
                    "numba_vs_dali_max_abs_diff": numba_vs_dali, "load_avg_1m_before": os.getloadavg()[0]}
-        contenders = []
-        try:
-            for name, argv in plan:
-                contenders.append(Contender(name, argv, cpus=cores))
-                print(f"{name:>14}: warm-up {contenders[-1].warmup['warmup_s']:.1f} s", flush=True)
-            interleave(contenders, rounds, WindowRule(seconds, min_batches), log=lambda line: print(line, flush=True))
-        finally:
-            for c in contenders:
-                c.close()
+        results["contenders"] = run_contenders(plan, cores, rounds, WindowRule(seconds, min_batches),
+                                               log=lambda line: print(line, flush=True))
         results["load_avg_1m_after"] = os.getloadavg()[0]
-        results["contenders"] = {c.name: c.summary() for c in contenders}
         print(f"\nmedians over {rounds} windows (min-max); load {results['load_avg_1m_before']:.1f} -> "
               f"{results['load_avg_1m_after']:.1f}")
         ffcv = results["contenders"].get("ffcv-nhwc", {}).get("img_per_s")
@@ -277,8 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":     # a contender's child process
-        name, data, threads, warmup = sys.argv[2:6]
-        serve(lambda: _batches(name, data, int(threads)), int(warmup))
-    else:
-        main()
+    serve_or_run(_batches, main)

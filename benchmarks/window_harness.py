@@ -168,3 +168,29 @@ def interleave(contenders: list[Contender], rounds: int, rule: WindowRule, log=p
             w = c.window(rule)
             log(f"round {r + 1}/{rounds} {c.name:>28}: {w['img_per_s']:8.1f} img/s  ({w['batches']} batches in "
                 f"{w['seconds']:.1f} s, {w['cpu_ms_per_img']:.2f} CPU-ms/img, load {w['load_avg_1m']:.1f})")
+
+
+def run_contenders(plan: list[tuple[str, list[str]]], cpus: set[int], rounds: int, rule: WindowRule,
+                   log=print) -> dict:
+    """Start each (name, argv) child on `cpus` in turn (each warm-up alone), interleave their
+    windows, stop them all; {name: summary} in the plan's order."""
+    contenders = []
+    try:
+        for name, argv in plan:
+            contenders.append(Contender(name, argv, cpus=cpus))
+            log(f"{name:>14}: warm-up {contenders[-1].warmup['warmup_s']:.1f} s")
+        interleave(contenders, rounds, rule, log=log)
+    finally:
+        for c in contenders:
+            c.close()
+    return {c.name: c.summary() for c in contenders}
+
+
+def serve_or_run(batches: Callable[[str, str, int], Iterator[int]], main: Callable[[], None]) -> None:
+    """A benchmark script's entry: `SCRIPT --serve NAME DATA THREADS WARMUP` is a contender's child
+    process (`serve` over `batches(NAME, DATA, THREADS)`), anything else the parent (`main`)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        name, data, threads, warmup = sys.argv[2:6]
+        serve(lambda: batches(name, data, int(threads)), int(warmup))
+    else:
+        main()

@@ -23,8 +23,8 @@ from torch import nn
 
 from alexnet_fast.model import distributed as D
 from alexnet_fast.model.errors import EvalError
-from alexnet_fast.model.runtime import DEVICES, autocast, memory_format
-from alexnet_fast.pipeline.loader_spec import LOADER_KINDS, ON_CORRUPT_MODES
+from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, autocast, memory_format
+from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS, LOADER_KINDS, ON_CORRUPT_MODES
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class EvalConfig:
     device: str = _f("auto", "auto = cuda when a GPU is visible", choices=DEVICES)
     loader: str = _f("dali", "data loader", choices=LOADER_KINDS)
     workers: int = _f(0, "loader threads/workers per rank; 0 = the cores per rank (pipeline default)", min=0)
+    decode: str = _f("gpu", DECODE_HELP, choices=DECODE_PLACEMENTS)
     gpus: int = _f(0, "GPUs (one process each); 0 = every visible GPU", min=0)
     nproc: int = _f(1, "CPU mode: processes (gloo)", min=1)
     on_corrupt: str = _f("error", "a val image that does not decode: stop naming it, or skip it (and say how "
@@ -147,6 +148,17 @@ def run_evaluation(cfg: EvalConfig) -> EvalRun:
     return D.run_ranks(evaluate_rank, cfg, device=cfg.device, gpus=cfg.gpus, nproc=cfg.nproc)
 
 
+def val_loader_spec(cfg: EvalConfig, ctx: D.DistContext, scale_by_std: bool):
+    """This rank's val loader spec: the trainer's rules (model/runtime.py loader_spec) for its
+    precision and layout on this device, the checkpoint's input scaling."""
+    from alexnet_fast.model.runtime import loader_spec, resolve_precision
+
+    return loader_spec("val", data=cfg.data, kind=cfg.loader, batch_size=cfg.batch_size // ctx.world_size, ctx=ctx,
+                       precision=resolve_precision("auto", ctx.device.type), channels_last=ctx.device.type == "cuda",
+                       scale_by_std=scale_by_std, on_corrupt=cfg.on_corrupt, workers=cfg.workers,
+                       ten_crop=cfg.ten_crop, decode=cfg.decode)
+
+
 def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
     """This rank's part of the evaluation, with the trainer's rules: the val loader's rank split,
     the trainer's precision and image layout on a GPU, `evaluate`'s all-reduce."""
@@ -154,7 +166,7 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
 
     from alexnet_fast.model import checkpoint as ckpt
     from alexnet_fast.model.config import input_scaled_by_std
-    from alexnet_fast.model.runtime import loader_spec, place_network, resolve_precision, set_backend_flags
+    from alexnet_fast.model.runtime import place_network, resolve_precision, set_backend_flags
     from alexnet_fast.pipeline.loaders import make_loader
 
     state, _ = ckpt.load_checkpoint(cfg.checkpoint)
@@ -172,10 +184,7 @@ def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:
         raise EvalError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
                         f"{ctx.world_size} ranks")
     try:
-        val = make_loader(loader_spec(
-            "val", data=cfg.data, kind=cfg.loader, batch_size=cfg.batch_size // ctx.world_size, ctx=ctx,
-            precision=precision, channels_last=on_gpu, scale_by_std=scale_by_std, on_corrupt=cfg.on_corrupt,
-            workers=cfg.workers, ten_crop=cfg.ten_crop))
+        val = make_loader(val_loader_spec(cfg, ctx, scale_by_std))
     except ValueError as e:         # the loader's one-line complaints about the spec or the shard set
         raise EvalError(str(e)) from None
     progress = tqdm(total=val.num_samples, unit="img", disable=not ctx.is_main, dynamic_ncols=True,

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
+# --decode's help, the same for train, eval and profile
+DECODE_HELP = ("where a GPU run decodes JPEGs: gpu = the GPU's decoders (nvJPEG, hardware decoder), cpu = DALI's "
+               "CPU decoder on the loader threads, then the same augmentation on the GPU (for a GPU that trains "
+               "faster than it decodes; `alexnet-fast profile` says which the run needs); a CPU run decodes on "
+               "the CPU either way")
+
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -78,28 +84,30 @@ def place_network(arch: str, num_classes: int, device: torch.device, *, channels
     return model.to(memory_format=memory_format(channels_last))
 
 
-def loader_workers(requested: int, ctx: "DistContext") -> int:
+def loader_workers(requested: int, ctx: "DistContext", decode: str = "gpu") -> int:
     """Loader threads/workers of one rank: `requested`, or with 0 the pipeline's default for the
-    cores this rank has (the node's cores shared by its ranks) -- one rule for train, eval, profile."""
+    cores this rank has (the node's cores shared by its ranks) and where it decodes (`decode`,
+    LoaderSpec.decode) -- one rule for train, eval, profile."""
     from alexnet_fast.pipeline.loader_spec import default_loader_workers
 
-    return requested or default_loader_workers(ctx.device.type, ctx.local_world_size)
+    return requested or default_loader_workers(ctx.device.type, ctx.local_world_size, decode=decode)
 
 
 def loader_spec(split: str, *, data: str, kind: str, batch_size: int, ctx: "DistContext", precision: str,
                 channels_last: bool, scale_by_std: bool, on_corrupt: str, workers: int, seed: int = 0,
-                lighting_std: float = 0.1, ten_crop: bool = False) -> "LoaderSpec":
+                lighting_std: float = 0.1, ten_crop: bool = False, decode: str = "gpu") -> "LoaderSpec":
     """The loader spec of this rank, built the same way for train, eval and profile.
 
-    `batch_size` is this rank's batch; `workers` 0 takes `loader_workers`' default. Images come in the network's dtype and layout (`image_dtype`,
+    `batch_size` is this rank's batch; `workers` 0 takes `loader_workers`' default; `decode`: where a
+    GPU run decodes (LoaderSpec.decode). Images come in the network's dtype and layout (`image_dtype`,
     `channels_last`) on this rank's device; `borrow_buffers`: each consumer (a train step, an eval
     batch, a profiled step) is done with a batch before it asks for the next."""
     from alexnet_fast.pipeline.loader_spec import LoaderSpec
 
     return LoaderSpec(
         data=data, split=split, kind=kind, batch_size=batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        device=ctx.device.type, device_id=ctx.local_rank, seed=seed, workers=loader_workers(workers, ctx),
+        device=ctx.device.type, device_id=ctx.local_rank, seed=seed, workers=loader_workers(workers, ctx, decode),
         dtype=image_dtype(ctx.device.type, precision), channels_last=channels_last, ten_crop=ten_crop,
         lighting_std=lighting_std, scale_by_std=scale_by_std,
-        on_corrupt=on_corrupt, borrow_buffers=True,
+        on_corrupt=on_corrupt, borrow_buffers=True, decode=decode,
     )

@@ -180,7 +180,7 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_b
         return loader_spec(split, data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch, ctx=ctx,
                            precision=precision, channels_last=cfg.channels_last, scale_by_std=cfg.scale_by_std,
                            on_corrupt=cfg.on_corrupt, workers=cfg.workers, seed=cfg.seed,
-                           lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val")
+                           lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val", decode=cfg.decode)
     try:
         train = make_loader(spec("train"), shards)
         val = make_loader(spec("val"), shards) if shards.has_split("val") else None
@@ -200,7 +200,7 @@ def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, shard_set: Sha
 
     shards = [s for split in ("train", "val") if shard_set.has_split(split) for s in shard_set.shards(split)]
     started = time.perf_counter()
-    mine = check_shards(shards[ctx.rank::ctx.world_size], workers=loader_workers(cfg.workers, ctx))
+    mine = check_shards(shards[ctx.rank::ctx.world_size], workers=loader_workers(cfg.workers, ctx, cfg.decode))
     checks = [c for share in D.all_gather_objects(mine) for c in share if not c.matches]
     say(ctx, f"--verify-shards: {len(shards)} shards hashed in {time.perf_counter() - started:.1f} s, "
              f"{len(checks)} differ from the manifest")

@@ -118,6 +118,7 @@ class DaliLoader:
         return {"split": s.split, "batch_size": s.batch_size, "rank": s.rank, "world_size": s.world_size,
                 "seed": s.seed, "crop": s.crop, "lighting_std": s.lighting_std, "shuffle_buffer": s.shuffle_buffer,
                 "decode_roi": s.decode_roi,     # another graph: its checkpoint would not fit
+                "gpu_decoder": s.decodes_on_gpu,   # another decoder: other pixels
                 "shards": [s.tar.name for s in self.shard_set.shards(s.split)]}
 
     def __iter__(self):
@@ -186,8 +187,7 @@ class DaliLoader:
                     prefetch_queue_depth=self.spec.prefetch)
 
     def _build(self, plan: EpochPlan, checkpoint: str | None = None):
-        decoder = dp.DecodeConfig(on_gpu=self.spec.device == "cuda", roi=self.spec.decode_roi,
-                                  fast_idct=self.spec.fast_idct)
+        decoder = decode_config(self.spec)
         out = dp.OutputConfig(crop=self.spec.crop, fp16=self.spec.dtype != torch.float32,
                               channels_last=self.spec.channels_last)
         reader = self._reader_config(plan)
@@ -243,7 +243,7 @@ class DaliLoader:
         # The failing batch is the one asked for or one the executor had prefetched behind it.
         bad = find_corrupt(self._reader_config(plan), batch_size=self.spec.batch_size, seed=plan.seed,
                            first=failed_batch, stop=min(plan.batches, failed_batch + self.spec.prefetch + 1),
-                           known=self._left_out, device_id=self.spec.device_id if self.spec.device == "cuda" else None)
+                           known=self._left_out, device_id=self.spec.device_id if self.spec.decodes_on_gpu else None)
         where = f"rank {self.spec.rank}, {self.spec.split} epoch {self.epoch}, batch {failed_batch}"
         if not bad:
             first_line = next((ln for ln in str(error).splitlines() if "failure" in ln or "rror" in ln), str(error))
@@ -289,6 +289,14 @@ class _PreparedEpoch:
         """(pipeline, first batch's outputs), or None if building it failed."""
         self._thread.join()
         return self._result
+
+
+def decode_config(spec: LoaderSpec) -> dp.DecodeConfig:
+    """The decode stage `spec` asks for: where it decodes (decode="cpu" on a GPU run: the CPU
+    decoder, then the augmentation on the GPU), ROI or whole image, exact or fast IDCT."""
+    on_gpu = spec.device == "cuda"
+    return dp.DecodeConfig(on_gpu=on_gpu, cpu_decoder=on_gpu and not spec.decodes_on_gpu, roi=spec.decode_roi,
+                           fast_idct=spec.fast_idct)
 
 
 def _dali_to_torch(batch, device: torch.device, borrow: bool = False) -> torch.Tensor:

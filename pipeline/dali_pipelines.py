@@ -1,12 +1,20 @@
 """DALI pipeline definitions: read WebDataset shards -> decode -> crop/mirror/lighting/normalize.
 
-The same graph runs on the GPU (`decoder="mixed"`: nvJPEG and the hardware JPEG decoder, outputs in
-device memory) and on the CPU (`decoder="cpu"`, `device_id=None`): only the decoder's backend
-changes, every other operator and parameter is identical, so what the CPU tests check is what the
-GPU runs. One known difference inside the decoder: the mixed backend's default chroma upsampling
-(`jpeg_fancy_upsampling=False`) is not libjpeg-turbo's, so GPU-decoded pixels can differ from the
-CPU twin's by a few levels; the default is kept because its effect on the hardware decoder's
-throughput is unmeasured here (no GPU was lent to this project).
+The same graph runs in three placements, built by one function (`decode`):
+- GPU decode (`DecodeConfig(on_gpu=True)`): the "mixed" decoder (nvJPEG and the hardware JPEG
+  decoder), outputs in device memory, augmentation on the GPU;
+- CPU decode on a GPU run (`on_gpu=True, cpu_decoder=True`, `--decode cpu`): DALI's CPU decoder on
+  the pipeline's threads, `.gpu()`, then the same augmentation on the GPU (DALI's ResNet-50
+  example's `--dali_cpu`);
+- the CPU twin (`on_gpu=False`, `device_id=None`): all of it on the CPU. It is the twin of both GPU
+  placements: the second one's graph with its GPU part on the CPU, the first one's with the
+  decoder's backend changed.
+Every operator and parameter after the decoder is identical in all three, so what the CPU tests
+check is what the GPU runs. One known difference inside the decoder: the mixed backend's default
+chroma upsampling (`jpeg_fancy_upsampling=False`) is not libjpeg-turbo's, so GPU-decoded pixels can
+differ from the CPU twin's by a few levels (CPU-decoded ones, on either device, cannot); the default
+is kept because its effect on the hardware decoder's throughput is unmeasured here (no GPU was lent
+to this project).
 
 Train: random crop position, coin-flip mirror and lighting alpha are drawn by DALI's own seeded
 random operators, and lighting is folded into a per-sample mean of one `crop_mirror_normalize`
@@ -42,7 +50,10 @@ class ReaderConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    on_gpu: bool = False
+    on_gpu: bool = False            # the augmentation and the outputs on the GPU (device_id set)
+    # On a GPU run: decode with the CPU decoder on the pipeline's threads and move the decoded images
+    # to the GPU (LoaderSpec.decode="cpu"). No effect on the CPU twin, which always decodes on the CPU.
+    cpu_decoder: bool = False
     # Share of images for the A100/H100 hardware JPEG decoder; the rest go to nvJPEG's CUDA path.
     hw_decoder_load: float = 0.75
     # Pre-allocation hints (bytes) so the first iterations do not reallocate: a 256x256 RGB image
@@ -56,6 +67,11 @@ class DecodeConfig:
     # libjpeg-turbo's fast integer IDCT (CPU decoder only): pixels within a few levels of the exact
     # decode (bound in tests/test_pipeline.py), off by default (LoaderSpec.fast_idct).
     fast_idct: bool = False
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the GPU decodes (DALI's "mixed" decoder: encoded bytes in, device memory out)."""
+        return self.on_gpu and not self.cpu_decoder
 
 
 @dataclass(frozen=True)
@@ -89,10 +105,18 @@ def read_shards(reader: ReaderConfig):
 
 
 def decode(jpg, decoder: DecodeConfig, window: tuple | None = None):
-    """RGB pixels of each image; with `window` = (crop, crop_x, crop_y) and `decoder.roi`, only that
-    crop window (same placement and rounding as crop_mirror_normalize's crop)."""
+    """RGB pixels of each image, on the device the augmentation runs on; with `window` = (crop,
+    crop_x, crop_y) and `decoder.roi`, only that crop window (same placement and rounding as
+    crop_mirror_normalize's crop). The one place that builds the decode stage of every graph."""
+    images = _decoder_op(jpg, decoder, window)
+    # CPU decode on a GPU run: one host-to-device copy of the decoded (uint8) pixels, then every
+    # later operator is the GPU one
+    return images.gpu() if decoder.on_gpu and decoder.cpu_decoder else images
+
+
+def _decoder_op(jpg, decoder: DecodeConfig, window: tuple | None):
     args = dict(output_type=types.RGB, use_fast_idct=decoder.fast_idct)
-    if decoder.on_gpu:
+    if decoder.mixed:
         args.update(device="mixed", hw_decoder_load=decoder.hw_decoder_load,
                     device_memory_padding=decoder.device_memory_padding,
                     host_memory_padding=decoder.host_memory_padding,

@@ -18,10 +18,12 @@ from alexnet_fast.pipeline.shardset import SPLITS, ShardSet
 LoaderKind = Literal["dali", "baseline"]
 OnCorrupt = Literal["error", "skip"]
 LoaderDevice = Literal["cpu", "cuda"]
+DecodePlacement = Literal["gpu", "cpu"]
 
 LOADER_KINDS: tuple[str, ...] = get_args(LoaderKind)           # ("dali", "baseline")
 ON_CORRUPT_MODES: tuple[str, ...] = get_args(OnCorrupt)        # ("error", "skip")
 LOADER_DEVICES: tuple[str, ...] = get_args(LoaderDevice)       # ("cpu", "cuda")
+DECODE_PLACEMENTS: tuple[str, ...] = get_args(DecodePlacement)  # ("gpu", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -61,14 +63,28 @@ class LoaderSpec:
     # DALI, CPU decoder: libjpeg-turbo's fast integer IDCT; pixels within FAST_IDCT_MAX_LEVELS of the
     # exact decode (tests/test_pipeline.py), so off unless asked for. No effect on the GPU decoder.
     fast_idct: bool = False
+    # Where a GPU run's JPEGs are decoded: "gpu" = nvJPEG and the hardware decoder (DALI's "mixed"
+    # decoder); "cpu" = DALI's CPU decoder (libjpeg-turbo) on the loader's threads, then the same
+    # crop/mirror/lighting/normalize on the GPU (DALI's ResNet-50 example's --dali_cpu): for a GPU
+    # that trains faster than its decoders decode, on a node with cores to spare. A CPU run decodes
+    # on the CPU either way: both values build the same graph there (its CPU twin).
+    decode: DecodePlacement = "gpu"
+
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """Whether the JPEG decoder runs on the GPU (a GPU run with decode="gpu")."""
+        return self.device == "cuda" and self.decode == "gpu"
 
     @property
     def decode_roi(self) -> bool:
-        """Whether the DALI loader decodes only the crop window (roi_decode, or the device's default)."""
-        return ROI_DECODE_DEFAULT[self.device] if self.roi_decode is None else self.roi_decode
+        """Whether the DALI loader decodes only the crop window (roi_decode, or the decoder's default)."""
+        if self.roi_decode is not None:
+            return self.roi_decode
+        return ROI_DECODE_DEFAULT["cuda" if self.decodes_on_gpu else "cpu"]
 
 
-# ROI decoding per device when LoaderSpec.roi_decode is None. CPU: on -- identical pixels, and the
+# ROI decoding per decoder when LoaderSpec.roi_decode is None ("cpu": the CPU decoder, of a CPU run
+# or of a GPU run with decode="cpu"; "cuda": the GPU decoder). CPU: on -- identical pixels, and the
 # decode + normalize stages measured ~7% less CPU per image (0.54 vs 0.58 ms, overlapping ranges;
 # end to end no difference within the noise, benchmarks/RESULTS.md issue 17): libjpeg-turbo still
 # entropy-decodes the whole image and a 227 window of 256 skips only ~21% of the IDCT and colour
@@ -129,10 +145,12 @@ def check_spec(spec: LoaderSpec) -> None:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, not {spec.dtype}")
     if spec.on_corrupt not in ON_CORRUPT_MODES:
         raise ValueError(f"on_corrupt must be {_either(ON_CORRUPT_MODES)}, not {spec.on_corrupt!r}")
+    if spec.decode not in DECODE_PLACEMENTS:
+        raise ValueError(f"decode must be {_either(DECODE_PLACEMENTS)}, not {spec.decode!r}")
 
 
-# Not measured on a GPU yet: a ceiling, not a tuned value. With device="cuda" the JPEGs are decoded
-# on the GPU (mixed decoder); DALI's host threads read the tars, parse JPEG headers and run the
+# Not measured on a GPU yet: a ceiling, not a tuned value. With device="cuda" and decode="gpu" the
+# JPEGs are decoded on the GPU (mixed decoder); DALI's host threads read the tars, parse JPEG headers and run the
 # host half of nvJPEG for the share the hardware decoder does not take (hw_decoder_load=0.75), a
 # few threads' work per GPU. Past that, more threads per rank only compete with the training
 # process's own host threads (Python, the CUDA launch queue, NCCL) on a node whose cores are shared
@@ -140,18 +158,21 @@ def check_spec(spec: LoaderSpec) -> None:
 GPU_LOADER_WORKERS_CAP = 8
 
 
-def default_loader_workers(device: str, local_ranks: int = 1, *, cores: int | None = None) -> int:
+def default_loader_workers(device: str, local_ranks: int = 1, *, cores: int | None = None,
+                           decode: str = "gpu") -> int:
     """DALI threads / DataLoader workers for one rank when the user names none: the cores this
     process may use (`cores`, default `usable_cores()`) shared evenly by the `local_ranks` ranks on
-    this machine, at least 1. With device="cpu" the loader decodes and augments every image on
-    these cores, so it gets its whole share; with "cuda" the share is capped at
-    GPU_LOADER_WORKERS_CAP (see there)."""
+    this machine, at least 1. Where the loader decodes every image on these cores (device="cpu",
+    or a GPU run with decode="cpu") it gets its whole share; where the GPU decodes, the share is
+    capped at GPU_LOADER_WORKERS_CAP (see there)."""
     if device not in LOADER_DEVICES:
         raise ValueError(f"device must be {_either(LOADER_DEVICES)}, not {device!r}")
     if local_ranks < 1:
         raise ValueError(f"local_ranks must be at least 1, not {local_ranks}")
+    if decode not in DECODE_PLACEMENTS:
+        raise ValueError(f"decode must be {_either(DECODE_PLACEMENTS)}, not {decode!r}")
     share = max(1, (usable_cores() if cores is None else cores) // local_ranks)
-    return min(share, GPU_LOADER_WORKERS_CAP) if device == "cuda" else share
+    return min(share, GPU_LOADER_WORKERS_CAP) if device == "cuda" and decode == "gpu" else share
 
 
 def color_stats(spec: LoaderSpec, shard_set: ShardSet) -> ColorStats:

@@ -114,3 +114,16 @@ def test_the_nhwc_bound_benchmark_refuses_a_folder_that_is_no_shard_set_in_one_l
                          timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "manifest.json" in run.stderr.strip().splitlines()[-1]
+
+
+# -- benchmarks/cpu_floor.py: its path outside DALI's CPU operators gives the train graph's values -----
+def test_the_cpu_floors_fused_path_gives_the_train_graphs_values_exactly(shard_set):
+    """cpu_floor's `fused` figures stand for the train graph's work only if they compute the same
+    thing: libjpeg-turbo called directly decodes the window DALI's CPU decoder decodes (0 levels
+    apart: the same library, the same IDCT and upsampling), and the Numba kernel, fed the graph's
+    own draws, writes crop_mirror_normalize's float32 values to float32 rounding (0 on the benchmark
+    set, 4.8e-7 here: one step at these magnitudes), in both layouts; one 0..255 level is ~0.015."""
+    from cpu_floor import check_fused
+
+    worst = check_fused(str(shard_set), batches=2)
+    assert worst["decode_levels"] == 0 and worst["hwc"] <= 1e-6 and worst["chw"] <= 1e-6, worst

@@ -39,7 +39,7 @@ def profiled(shard_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     args = ["--data", shard_set, "--device", "cpu", "--batch-size", 4, "--steps", STEPS, "--repeats", REPEATS,
             "--warmup", 1, "--workers", 1, "--json", out / "report.json", "--plot", out / "stages.png",
-            "--scaling", "--link-gbps", 100]
+            "--scaling", "--link-gbps", 100, "--decode", "cpu"]
     # capsys is function-scoped; this module-scoped run captures its output by hand.
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
@@ -87,6 +87,17 @@ def test_cpu_verdict_is_model(profiled):
     assert "bound by: model" in output
     for name in STAGES:
         assert name in output
+
+
+def test_the_decode_placement_is_the_one_a_cpu_run_can_measure(profiled):
+    """A CPU run decodes on the CPU whatever --decode says: one placement measured (the decode
+    stage itself), set against the model stage."""
+    _, output, report, _ = profiled
+    assert report["config"]["decode"] == "cpu" and report["stages"]["decode"]["decode"] == "cpu"
+    advice = report["decode_placement"]
+    assert advice["needs"] == "cpu" and advice["img_per_s"] == {"cpu": report["stages"]["decode"]["img_per_s"]}
+    assert advice["model_img_per_s"] == report["stages"]["model"]["img_per_s"]
+    assert "decode placement: the run needs --decode cpu" in output
 
 
 def test_plot_is_a_png(profiled):

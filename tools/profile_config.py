@@ -20,7 +20,8 @@ import torch
 
 from alexnet_fast.model.alexnet import ARCH_NAMES
 from alexnet_fast.model.distributed import DistContext, resolve_device
-from alexnet_fast.model.runtime import DEVICES, PRECISIONS, image_dtype, loader_workers, resolve_precision
+from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, PRECISIONS, image_dtype, loader_workers, resolve_precision
+from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS
 from alexnet_fast.tools.profile_timing import TimingPlan
 
 IMAGENET_CLASSES = 1000  # the profiled network's classifier: ImageNet's, whatever the shard set has
@@ -72,6 +73,8 @@ class ProfileConfig:
     steps: int | None = _f(None, "batches per timed repetition", min=1)
     workers: int = _f(0, "DALI threads / DataLoader workers; 0 = the trainer's default for one rank "
                          "(model.runtime.loader_workers)", min=0)
+    decode: str = _f("gpu", DECODE_HELP + "; on a GPU the decode stage is also measured at the other "
+                            "placement, to say which one the run needs", choices=DECODE_PLACEMENTS)
     channels_last: bool = _f(True, "channels-last memory format, as train")
     num_classes: int = IMAGENET_CLASSES
     compile: bool = _f(False, "torch.compile the network for the model and end_to_end stages (as train "
@@ -83,7 +86,27 @@ class ProfileConfig:
         device = resolve_device(self.device)
         by_device = {name: table[device] for name, table in BY_DEVICE.items() if getattr(self, name) is None}
         cfg = replace(self, device=device, **by_device)
-        return replace(cfg, workers=loader_workers(cfg.workers, cfg.context))
+        return replace(cfg, workers=loader_workers(cfg.workers, cfg.context, cfg.decode))
+
+    def at_placement(self, decode: str) -> "ProfileConfig":
+        """This (resolved) config decoding at `decode` instead: the threads asked for, or when left
+        to the default, that placement's default (a GPU run decoding on the CPU gets every core)."""
+        defaulted = self.workers == loader_workers(0, self.context, self.decode)
+        return replace(self, decode=decode, workers=loader_workers(0 if defaulted else self.workers, self.context, decode))
+
+    @property
+    def decode_placement(self) -> str:
+        """Where this run decodes: `decode` on a GPU, "cpu" on the CPU (both values build the same
+        graph there)."""
+        return self.decode if self.device == "cuda" else "cpu"
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """The decode placements this device can measure, this run's first: on a GPU both, on the
+        CPU only "cpu"."""
+        if self.device != "cuda":
+            return ("cpu",)
+        return (self.decode,) + tuple(p for p in DECODE_PLACEMENTS if p != self.decode)
 
     @property
     def torch_device(self) -> torch.device:

@@ -19,7 +19,8 @@ def _detail(name: str, r: dict) -> str:
             host = f"; host {r['host_ms_per_step']:.2f} ms/step: host-bound below batch {r['host_bound_below_batch']:.0f}"
         return (f"{r['arch']} {r['precision']}{compiled} batch {r['batch_size']}: {r['step_ms']:.1f} ms/step, "
                 f"{r['tflop_per_s']:.3g} TFLOP/s ({peak}){host}")
-    return f"{r['loader']} loader, batch {r['batch_size']}"
+    decode = f", decode on {r['decode']}" if r.get("decode") else ""
+    return f"{r['loader']} loader, batch {r['batch_size']}{decode}"
 
 
 def format_table(report: dict) -> str:
@@ -29,6 +30,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<16} {r['img_per_s']:>12,.1f}  {runs:<28} {_detail(name, r)}")
     efficiency = "n/a (needs decode, model and end_to_end)" if report["efficiency"] is None else f"{report['efficiency']:.1%}"
     lines.append(f"bound by: {report['bound_by'] or 'n/a'}; pipeline efficiency end_to_end / min(decode, model): {efficiency}")
+    if report.get("decode_placement"):
+        advice = report["decode_placement"]
+        lines.append(f"decode placement: the run needs --decode {advice['needs']}: {advice['why']}")
     return "\n".join(lines)
 
 

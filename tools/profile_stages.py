@@ -7,7 +7,9 @@ verdict: which stage bounds the run.
 
 Stages (profile_config.Stage):
     read             raw shard bytes from disk (img/s and MB/s); the page cache is dropped first
-    decode           the DALI pipeline alone (decode + augment), batches on the device
+    decode           the DALI pipeline alone (decode + augment), batches on the device, decoding where
+                     --decode says; on a GPU also at the other placement (`decode_cpu` / `decode_gpu`),
+                     and `decode_placement` says which one the run needs (`decode_advice`)
     baseline_decode  the reference loader alone (webdataset + PIL + DataLoader)
     model            training steps on synthetic device-resident data: no loader at all
     end_to_end       training steps fed by the DALI pipeline
@@ -53,11 +55,12 @@ class ProfileResult:
     stages: dict[str, StageResult]
     bound_by: str | None
     efficiency: float | None
+    decode_placement: dict | None = None        # decode_advice's verdict, when the decode stage ran
 
     def as_dict(self) -> dict:
         return {"device": self.device, "config": self.config,
                 "stages": {name: r.as_dict() for name, r in self.stages.items()},
-                "bound_by": self.bound_by, "efficiency": self.efficiency}
+                "bound_by": self.bound_by, "efficiency": self.efficiency, "decode_placement": self.decode_placement}
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +72,8 @@ def trainer_config(cfg: ProfileConfig, loader: str = "dali") -> TrainConfig:
     default init, corrupt-sample mode, dropout, optimizer."""
     return TrainConfig(data="" if cfg.data is None else str(cfg.data), arch=cfg.arch, num_classes=cfg.num_classes,
                        batch_size=cfg.batch_size, loader=loader, workers=cfg.workers, device=cfg.device,
-                       precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+                       precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                       decode=cfg.decode)
 
 
 def train_loader_spec(cfg: ProfileConfig, kind: str):
@@ -79,7 +83,7 @@ def train_loader_spec(cfg: ProfileConfig, kind: str):
     return loader_spec("train", data=train.data, kind=train.loader, batch_size=train.batch_size, ctx=cfg.context,
                        precision=cfg.resolved_precision, channels_last=train.channels_last,
                        scale_by_std=train.scale_by_std, on_corrupt=train.on_corrupt, workers=train.workers,
-                       seed=train.seed, lighting_std=train.lighting_std)
+                       seed=train.seed, lighting_std=train.lighting_std, decode=train.decode)
 
 
 def make_train_loader(cfg: ProfileConfig, kind: str, shard_set):
@@ -163,7 +167,8 @@ def measure_loader(cfg: ProfileConfig, kind: str, shard_set) -> StageResult:
         return images.shape[0]
 
     result = measure(step, cfg.torch_device, cfg.timing)
-    result.extra = {"loader": kind, "batch_size": cfg.batch_size}
+    result.extra = {"loader": kind, "batch_size": cfg.batch_size, "workers": cfg.workers,
+                    **({"decode": cfg.decode_placement} if kind == "dali" else {})}
     return result
 
 
@@ -267,6 +272,42 @@ def verdict(stages: dict[str, StageResult]) -> tuple[str | None, float | None]:
     return bound_by, efficiency
 
 
+def decode_stage_name(cfg: ProfileConfig, placement: str) -> str:
+    """The stage entry of the decode stage at `placement`: "decode" for this run's own, which the
+    verdict uses; "decode_cpu" / "decode_gpu" for the other one."""
+    return Stage.DECODE.value if placement == cfg.decode_placement else f"{Stage.DECODE.value}_{placement}"
+
+
+def decode_advice(cfg: ProfileConfig, stages: dict[str, StageResult]) -> dict | None:
+    """Which decode placement the run needs, from the decode stage's img/s at each placement
+    measured against the model stage's: this run's own if it keeps up with the model; else one
+    that does (the fastest); else none does and the run is decode-bound at the fastest. None
+    without a decode stage."""
+    rates = {p: stages[decode_stage_name(cfg, p)].img_per_s for p in cfg.placements
+             if decode_stage_name(cfg, p) in stages}
+    if not rates:
+        return None
+    model = stages[Stage.MODEL.value].img_per_s if Stage.MODEL.value in stages else None
+    own, fastest = cfg.decode_placement, max(rates, key=rates.get)
+    keeping_up = [p for p in rates if model is not None and rates[p] >= model]
+    measured = ", ".join(f"{p} {r:,.0f} img/s" for p, r in rates.items())
+    if model is None:
+        needs, why = fastest, f"the fastest placement measured ({measured}); the model stage was not measured"
+    elif own in keeping_up:
+        needs, why = own, f"--decode {own} keeps up with the model ({measured}; model {model:,.0f} img/s)"
+    elif keeping_up:
+        needs = max(keeping_up, key=rates.get)
+        why = f"--decode {own} falls behind the model and {needs} keeps up ({measured}; model {model:,.0f} img/s)"
+    else:
+        needs = fastest
+        why = (f"no placement measured keeps up with the model ({measured}; model {model:,.0f} img/s): "
+               f"the run is bound by decode, least at {needs}")
+    if len(rates) == 1 and cfg.device != "cuda":
+        why += "; a CPU run decodes on the CPU either way"
+    return {"needs": needs, "img_per_s": rates, "model_img_per_s": model, "keeps_up": model is not None
+            and rates[needs] >= model, "why": why}
+
+
 def profile(cfg: ProfileConfig, log: Callable[[str], None] = lambda msg: None) -> ProfileResult:
     """Run the configured stages in pipeline order and give the verdict."""
     from alexnet_fast.pipeline.shardset import ShardSet
@@ -288,7 +329,8 @@ def profile(cfg: ProfileConfig, log: Callable[[str], None] = lambda msg: None) -
 
     runners: dict[Stage, Callable[[], StageResult]] = {
         Stage.READ: lambda: measure_read(cfg, shard_set.shards("train")),
-        Stage.DECODE: lambda: measure_loader(cfg, "dali", shard_set),
+        Stage.DECODE: lambda: {decode_stage_name(cfg, p): measure_loader(cfg.at_placement(p), "dali", shard_set)
+                               for p in cfg.placements},
         Stage.BASELINE_DECODE: lambda: measure_loader(cfg, "baseline", shard_set),
         Stage.MODEL: lambda: measure_model(cfg),
         Stage.END_TO_END: lambda: measure_end_to_end(cfg, shard_set),
@@ -297,10 +339,12 @@ def profile(cfg: ProfileConfig, log: Callable[[str], None] = lambda msg: None) -
     for stage in ALL_STAGES:
         if stage in wanted:
             log(f"profiling {stage.value} ...")
-            results[stage.value] = runners[stage]()
-            log(f"  {stage.value}: {results[stage.value].img_per_s:,.1f} img/s")
+            measured = runners[stage]()
+            for name, result in (measured.items() if isinstance(measured, dict) else [(stage.value, measured)]):
+                results[name] = result
+                log(f"  {name}: {result.img_per_s:,.1f} img/s")
     bound_by, efficiency = verdict(results)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "stages"}
     config["stages"] = [s.value for s in cfg.stages]
     config["precision"] = cfg.resolved_precision
-    return ProfileResult(device_name(cfg), config, results, bound_by, efficiency)
+    return ProfileResult(device_name(cfg), config, results, bound_by, efficiency, decode_advice(cfg, results))
