@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from alexnet_fast.model.parallel import Parallel, data_share
 from alexnet_fast.model.config import DEFAULT_RECIPE, ConfigError, TrainConfig, recipe_values, resolve_config
 from alexnet_fast.tools.common import (CONTEXT, UserError, check_device, check_global_batch, check_out_dir,
                                        is_rank_zero, open_shards, run_failures_as_one_line, world_size)
@@ -31,7 +32,11 @@ def check_devices(cfg: TrainConfig) -> None:
     if device == "cpu" and cfg.grad_compression == "bf16":
         raise click.BadParameter("bf16 compression needs NCCL (a GPU run); gloo has no bf16 all-reduce hook",
                                  param_hint="--grad-compression")
-    check_global_batch(cfg.batch_size, world_size(device, cfg.gpus, cfg.nproc))
+    ranks = world_size(device, cfg.gpus, cfg.nproc)
+    if cfg.parallel == Parallel.COLUMNS.value and ranks % 2:
+        raise click.BadParameter(f"columns runs 2 ranks per replica: give an even number of ranks, not {ranks}",
+                                 param_hint="--parallel")
+    check_global_batch(cfg.batch_size, data_share(cfg.parallel, 0, ranks)[1])   # columns: per replica
 
 
 def train(cfg: TrainConfig) -> dict:
