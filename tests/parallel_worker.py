@@ -34,7 +34,7 @@ def optimizer_config() -> TrainConfig:
 
 def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int) -> dict:
     model = network(arch)
-    split = split_network(scheme, model, ctx)
+    split = split_network(scheme, model, ctx, count_traffic=True)
     optimizer = make_optimizer(optimizer_config(), split.trainable)
     share = batch // split.data_ranks
     mine = slice(split.data_rank * share, (split.data_rank + 1) * share)

@@ -31,7 +31,7 @@ import parallel_worker as W  # noqa: E402
 # scheme:arch:input size:global batch:steps. alexnet-owt takes a small input (its adaptive pool);
 # alexnet2012 needs 227 px (its FC6 reads 6x6 maps), so it gets batch 2 and hybrid runs on owt only
 # (the FC part, the split one, is the same code for both networks)
-CASES_2 = ["hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]
+CASES_2 = ["ddp:alexnet-owt:64:4:1", "hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]
 CASES_4 = ["hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]     # columns: 2 replicas x 2
 
 
@@ -87,6 +87,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_split_network_equals_one_device(runs, world, case):
     ranks, single = runs[world], _single(case)
     scheme = case.split(":")[0]
+    if scheme == "ddp":
+        return                  # here for its traffic count; tests/test_train_ddp.py checks its steps
     readers = ranks[::2] if scheme == "columns" else ranks          # columns: a pair shares its images
     logits = torch.cat([r[case]["logits"] for r in readers])
     assert _relative(logits, single["logits"]) < 1e-5
@@ -103,3 +105,17 @@ def test_split_network_equals_one_device(runs, world, case):
             got = rank[case]["optimizer"]["state"][index]["momentum_buffer"]
             assert _relative(got, entry["momentum_buffer"]) < 1e-3, index
         assert rank[case]["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2] + [(4, c) for c in CASES_4])
+def test_counted_traffic_equals_the_accounting(runs, world, case):
+    """The bytes each rank passed to collectives in a step, counted at the calls, equal the
+    accounting the scaling model uses (model/parallel/accounting.py), key by key."""
+    from alexnet_fast.model.parallel.accounting import step_traffic
+
+    scheme, arch, _, batch, _ = case.split(":")
+    expected = dict(step_traffic(scheme, arch, W.CLASSES, int(batch), world).passed)
+    assert expected
+    for rank in runs[world]:
+        assert rank[case]["passed"] == expected
