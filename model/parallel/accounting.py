@@ -9,6 +9,8 @@ Per rank, fp32 (4 bytes an element). `passed`: the bytes of the tensors passed t
 all-to-all (collectives.Traffic.add)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -33,18 +35,30 @@ class _Meta:
         return self._size
 
 
-def _shapes(model: nn.Module) -> dict[nn.Module, tuple[int, ...]]:
-    """Each module's input shape (per image) on one 227x227 image, on the meta device."""
-    seen: dict[nn.Module, tuple[int, ...]] = {}
-    def record(module: nn.Module, args: tuple) -> None:
-        seen.setdefault(module, tuple(args[0].shape[1:]))
+def _shapes(features: nn.Sequential) -> dict[nn.Module, tuple[int, ...]]:
+    """Each feature layer's input shape (channels, height, width) for one 227x227 image, from the
+    layers' own sizes (no forward pass: no weights, no meta kernels to load)."""
+    def out(size: int, kernel: int, stride: int, padding: int) -> int:
+        return (size + 2 * padding - kernel) // stride + 1
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(torch.empty(1, *INPUT, device="meta"))
-    for hook in hooks:
-        hook.remove()
+    seen: dict[nn.Module, tuple[int, ...]] = {}
+    channels, height, width = INPUT
+    for module in features:
+        seen[module] = (channels, height, width)
+        if isinstance(module, nn.Conv2d):
+            (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding
+            channels, height, width = module.out_channels, out(height, kh, sh, ph), out(width, kw, sw, pw)
+        elif isinstance(module, nn.MaxPool2d):
+            kernel, stride, padding = (module.kernel_size, module.stride, module.padding)
+            height, width = out(height, kernel, stride, padding), out(width, kernel, stride, padding)
     return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _network(arch: str, num_classes: int) -> nn.Module:
+    """The network's layers and shapes, no weights (meta device); built once per arch."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes, dropout=0.0, init="torch")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -68,9 +82,8 @@ def step_traffic(choice: Parallel | str, arch: str, num_classes: int, global_bat
     traffic = Traffic()
     if ranks <= 1:
         return traffic
-    with torch.device("meta"):
-        model = build_model(arch, num_classes, dropout=0.0, init="torch")
-    shapes = _shapes(model)
+    model = _network(arch, num_classes)
+    shapes = _shapes(model.features)
     params = sum(p.numel() for p in model.parameters())
     linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
     if choice is Parallel.DDP:
