@@ -61,19 +61,13 @@ class ColumnsNet(ShardedNet):
         x = torch.flatten(x, 1)
         maps = self.sizes(f"features.{last_conv}.weight")          # the last convolution's maps per column
         sizes = tuple(m * x.shape[1] // maps[self.pair.rank] for m in maps)
-        for i, module in enumerate(self.full.classifier):
-            if isinstance(module, nn.Linear):
-                x = gather(x, 1, self.pair.named(f"classifier.{i} input"), sizes)
-                x = F.linear(x, self.param(f"classifier.{i}.weight"), self.param(f"classifier.{i}.bias"))
-                sizes = self.sizes(f"classifier.{i}.weight")
-            elif isinstance(module, nn.ReLU):
-                x = F.relu(x)
-            elif isinstance(module, nn.Dropout):
-                x = F.dropout(x, module.p, self.training)
-            else:
-                raise TypeError(f"columns: no rule for {type(module).__name__} in the classifier")
+        x, sizes = self.classifier(x, self._gather_input, sizes)
         # both ranks compute the same loss from the same logits: each one's gradient is its own slice
         return gather(x, 1, self.pair.named("logits"), sizes, backward=Backward.OWN, scale=1.0 / self.replicas)
+
+    def _gather_input(self, x: torch.Tensor, index: int, sizes: tuple[int, ...]) -> torch.Tensor:
+        """An FC layer reads both columns' neurons of the layer before."""
+        return gather(x, 1, self.pair.named(f"classifier.{index} input"), sizes)
 
     def _lrn(self, x: torch.Tensor, lrn: nn.LocalResponseNorm, index: int) -> torch.Tensor:
         """LRN over this column's maps plus the other column's `size // 2` maps next to them."""

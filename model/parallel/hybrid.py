@@ -23,7 +23,6 @@ The loss of each rank is the mean over its b images, as in DDP; the all-to-all's
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from alexnet_fast.model.parallel.collectives import GradientReducer, Link, Traffic, gather, rows_to_columns
@@ -39,20 +38,12 @@ class HybridNet(ShardedNet):
         self.reducer = GradientReducer(self.replicated(), world.named("conv gradients"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = trunk(self.full, images)                         # [b, features], this rank's images
-        sizes = None                                         # None: x holds this rank's rows, every feature
-        for i, module in enumerate(self.full.classifier):
-            if isinstance(module, nn.Linear):
-                if sizes is None:
-                    x = gather(x, 0, self.world.named("fc input rows"))
-                else:
-                    x = gather(x, 1, self.world.named(f"classifier.{i} input"), sizes)
-                x = F.linear(x, self.param(f"classifier.{i}.weight"), self.param(f"classifier.{i}.bias"))
-                sizes = self.sizes(f"classifier.{i}.weight")
-            elif isinstance(module, nn.ReLU):
-                x = F.relu(x)
-            elif isinstance(module, nn.Dropout):
-                x = F.dropout(x, module.p, self.training)
-            else:
-                raise TypeError(f"hybrid: no rule for {type(module).__name__} in the classifier")
+        x, sizes = self.classifier(trunk(self.full, images), self._gather_input)
         return rows_to_columns(x, self.world.named("logits"), sizes, scale=1.0 / self.world.size)
+
+    def _gather_input(self, x: torch.Tensor, index: int, sizes: tuple[int, ...] | None) -> torch.Tensor:
+        """fc6: every rank's conv output rows ([b, 9216] -> [B, 9216]); later layers: every rank's
+        neurons of the layer before ([B, 4096/n] -> [B, 4096])."""
+        if sizes is None:
+            return gather(x, 0, self.world.named("fc input rows"))
+        return gather(x, 1, self.world.named(f"classifier.{index} input"), sizes)

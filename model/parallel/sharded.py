@@ -14,12 +14,16 @@ back on load, so a checkpoint is one unwrapped state whatever the scheme that wr
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alexnet_fast.model.parallel.collectives import Link, Traffic, gather, shard_bounds
+
+
+Sizes = Optional[tuple[int, ...]]       # each rank's extent along a split dimension; None: not split
 
 
 def local_name(name: str) -> str:
@@ -55,6 +59,25 @@ class ShardedNet(nn.Module):
     def sizes(self, name: str) -> tuple[int, ...]:
         """Each rank's extent of sharded parameter `name` along dim 0."""
         return tuple(stop - start for start, stop in self._bounds[name])
+
+    def classifier(self, x: torch.Tensor, gather_input: Callable[[torch.Tensor, int, Sizes], torch.Tensor],
+                   sizes: Sizes = None) -> tuple[torch.Tensor, Sizes]:
+        """The full network's classifier on this rank's shards: before each Linear layer
+        `gather_input(x, its index, each rank's extent of x's features or None)` assembles the
+        input it reads; ReLU and dropout act on whatever slice this rank holds. Returns the last
+        layer's output slice and each rank's extent of it."""
+        for i, module in enumerate(self.full.classifier):
+            if isinstance(module, nn.Linear):
+                x = gather_input(x, i, sizes)
+                x = F.linear(x, self.param(f"classifier.{i}.weight"), self.param(f"classifier.{i}.bias"))
+                sizes = self.sizes(f"classifier.{i}.weight")
+            elif isinstance(module, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(module, nn.Dropout):
+                x = F.dropout(x, module.p, self.training)
+            else:
+                raise TypeError(f"{type(self).__name__}: no rule for {type(module).__name__} in the classifier")
+        return x, sizes
 
     def replicated(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if self._names[id(p)] not in self._links]
