@@ -110,12 +110,14 @@ def test_split_network_equals_one_device(runs, world, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2] + [(4, c) for c in CASES_4])
 def test_counted_traffic_equals_the_accounting(runs, world, case):
-    """The bytes each rank passed to collectives in a step, counted at the calls, equal the
-    accounting the scaling model uses (model/parallel/accounting.py), key by key."""
+    """The bytes rank 0 passed to collectives in a step, counted at the calls, equal the accounting
+    the scaling model uses (model/parallel/accounting.py), key by key."""
     from alexnet_fast.model.parallel.accounting import step_traffic
 
     scheme, arch, _, batch, _ = case.split(":")
     expected = dict(step_traffic(scheme, arch, W.CLASSES, int(batch), world).passed)
     assert expected
-    for rank in runs[world]:
-        assert rank[case]["passed"] == expected
+    assert runs[world][0][case]["passed"] == expected
+    for rank in runs[world][1:]:        # an uneven split (5 classes) leaves the others no more than rank 0
+        assert rank[case]["passed"].keys() == expected.keys()
+        assert all(rank[case]["passed"][key] <= expected[key] for key in expected)

@@ -4,7 +4,8 @@ agree exactly), at any batch and rank count, for the scaling model and the docs.
 
     step_traffic("hybrid", "alexnet-owt", 1000, global_batch=1024, ranks=8).sent_bytes
 
-Per rank, fp32 (4 bytes an element). `passed`: the bytes of the tensors passed to the collectives;
+Per rank, fp32 (4 bytes an element); where a layer splits unevenly, for rank 0, whose share is the
+largest (gathers pad every share to it anyway). `passed`: the bytes of the tensors passed to the collectives;
 `sent`: what the rank sends under ring all-reduce / all-gather and direct reduce-scatter /
 all-to-all (collectives.Traffic.add)."""
 from __future__ import annotations
@@ -132,4 +133,6 @@ def _columns(traffic: Traffic, model: nn.Module, shapes: dict, global_batch: int
     _gather(traffic, "logits", batch * _widest(last.out_features, 2), 2, backward_sum=False)
     if replicas > 1:
         for name, p in model.named_parameters():
-            traffic.add("column gradients", "all_reduce", _Meta(p.shape[0] // 2 * _numel(p.shape[1:])), replicas)
+            # column 0's share: the larger one where a layer's outputs split unevenly
+            traffic.add("column gradients", "all_reduce", _Meta(_widest(p.shape[0], 2) * _numel(p.shape[1:])),
+                        replicas)

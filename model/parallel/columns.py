@@ -20,6 +20,7 @@ column c, launched as backward produces them.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -42,8 +43,21 @@ class ColumnsNet(ShardedNet):
         super().__init__(full, {name: pair for name, _ in full.named_parameters()}, traffic)
         self.pair, self.replicas = pair, across.size
         self.reducer = GradientReducer(list(self.parameters()), across.named("column gradients"))
+        self._same_images_checked = False
+
+    def _check_same_images(self, images: torch.Tensor) -> None:
+        """Both columns of a replica must see the same batch (each reads it from its own loader, which
+        the same seed and share make identical): compared once, on the first batch, by its sum."""
+        total = images.detach().double().sum().reshape(1)
+        both = [torch.empty_like(total) for _ in range(COLUMNS)]
+        dist.all_gather(both, total, group=self.pair.group)      # not counted: once per run, 8 bytes
+        if not torch.equal(both[0], both[1]):
+            raise RuntimeError("--parallel columns: the two columns of a replica were given different images")
+        self._same_images_checked = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self._same_images_checked:
+            self._check_same_images(images)
         x, last_conv = images, None
         for i, module in enumerate(self.full.features):
             if isinstance(module, nn.Conv2d):
