@@ -11,7 +11,7 @@ Tolerances, and why: forward and gradients differ only by summation order (a gat
 the same products in another order; the all-reduced conv gradients are sums of per-rank partial
 sums): fp32 rounding of sums of up to 9216 terms, measured <= 2e-6 relative (logits, every
 gradient), asserted at 1e-5. Three SGD steps on those gradients: measured <= 1.5e-5 of each
-tensor's movement (alexnet-owt), asserted at 1e-3 of the movement (DDP's own test allows 1e-2).
+tensor's movement (hybrid, alexnet-owt), asserted at 1e-3 of the movement (DDP's own test allows 1e-2).
 """
 from __future__ import annotations
 
