@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES, RAW_SCALE_INITS, resolve_init
+from alexnet_fast.model.parallel import PARALLEL_NAMES, Parallel
 from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, PRECISIONS
 from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS, LOADER_KINDS, ON_CORRUPT_MODES
 
@@ -122,6 +123,11 @@ class TrainConfig:
     channels_last: bool = _f(True, "channels-last memory format (faster convolutions)")
     compile: bool = _f(False, "torch.compile the model")
     grad_compression: str = _f("none", "DDP gradient all-reduce compression", choices=("none", "bf16"))
+    parallel: str = _f("ddp", "how the ranks split the network (docs/parallelism.md): ddp = a whole replica per rank, "
+                              "gradients all-reduced; columns = the 2012 paper's two columns, 2 ranks per replica "
+                              "(alexnet2012/alexnet-bvlc, an even number of ranks); hybrid = 2014's one weird trick: "
+                              "convolutions data-parallel, FC layers split by neuron across all ranks",
+                       choices=PARALLEL_NAMES)
     # --- logging and checkpoints
     log_every: int = _f(50, "log (and sync the host) every this many steps")
     ckpt_every: int = _f(0, "also checkpoint every this many steps inside an epoch (0 = epoch ends only)")
@@ -166,8 +172,23 @@ class TrainConfig:
         for name in FIELD_CHOICES:
             if getattr(self, name) not in FIELD_CHOICES[name]:
                 raise ConfigError(name, f"{getattr(self, name)!r} is not one of {', '.join(FIELD_CHOICES[name])}")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        """The split schemes run their own collectives: no DDP comm hook, no torch.compile of them."""
+        if self.parallel == Parallel.DDP.value:
+            return
+        if self.parallel == Parallel.COLUMNS.value and self.arch not in COLUMN_ARCHS:
+            raise ConfigError("parallel", f"columns splits the 2012 network's two columns: --arch "
+                                          f"{' or '.join(COLUMN_ARCHS)}, not {self.arch}")
+        if self.grad_compression != "none":
+            raise ConfigError("grad_compression", f"compresses DDP's all-reduce: only with --parallel ddp")
+        if self.compile:
+            raise ConfigError("compile", f"compiles the DDP network: only with --parallel ddp")
 
 
+# the networks with the 2012 paper's two columns (grouped conv2/4/5)
+COLUMN_ARCHS: tuple[str, ...] = ("alexnet2012", "alexnet-bvlc")
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES: dict[str, type] = typing.get_type_hints(TrainConfig)
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {

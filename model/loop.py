@@ -179,11 +179,12 @@ class EpochResult:
 
 
 def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    state: TrainState, *, world_size: int = 1, max_steps: int = 0, log_every: int = 50,
-                    ckpt_every: int = 0, hooks: LoopHooks | None = None) -> EpochResult:
+                    state: TrainState, *, world_size: int = 1, replicas: int = 0, max_steps: int = 0,
+                    log_every: int = 50, ckpt_every: int = 0, hooks: LoopHooks | None = None) -> EpochResult:
     """Train on `batches` (any iterable of (images, labels)): the rest of epoch `state.epoch`,
     from batch `state.step_in_epoch` on (a resumed epoch: the loader was positioned there with
-    `resume`). Updates `state` as it goes."""
+    `resume`). Updates `state` as it goes. `replicas`: how many ranks read distinct images (default
+    `world_size`; --parallel columns: half of them), for img/s."""
     hooks = hooks or LoopHooks()
     stop = hooks.stop_agreement or StopAgreement(engine.device)
     engine.model.train()
@@ -220,7 +221,7 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
             window_loss = D.all_reduce_sum(loss_sum.clone()).item() / world_size
             elapsed = time.perf_counter() - window_start
             record = {"step": state.step, "epoch": state.epoch, "loss": window_loss / window_steps,
-                      "lr": engine.lr, "img_per_s": window_images * world_size / max(elapsed, 1e-9)}
+                      "lr": engine.lr, "img_per_s": window_images * (replicas or world_size) / max(elapsed, 1e-9)}
             hooks.log(record)
             logged.append(record["loss"])
             epoch_loss_sum += window_loss

@@ -13,10 +13,10 @@ steps (model/loop.py StopAgreement), write RUN/last.pt and exit 0.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ from alexnet_fast.model.identity import DataIdentity, num_classes_mismatch, resu
 from alexnet_fast.model.loop import (STOP_CHECK_EVERY_GPU, Engine, EpochResult, LoopHooks, Outcome, StopAgreement,
                                      StopFlag, TrainState, train_one_epoch)
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
+from alexnet_fast.model.parallel import CheckpointOptimizer, Split, data_share, split_network
 from alexnet_fast.model.runlog import RunLog, write_curves
 from alexnet_fast.model.runtime import (loader_spec, loader_workers, place_network, resolve_precision, seed_everything,
                                         set_backend_flags)
@@ -51,7 +52,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     """The whole run, as one rank sees it."""
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    per_rank_batch = per_rank_batch_size(cfg.batch_size, ctx.world_size)
+    # the share of every global batch this rank reads (columns: both ranks of a pair read the same)
+    data_rank, data_ranks = data_share(cfg.parallel, ctx.rank, ctx.world_size)
+    per_rank_batch = per_rank_batch_size(cfg.batch_size, data_ranks)
     precision = resolve_precision(cfg.precision, ctx.device.type)
     set_backend_flags(ctx.device)
 
@@ -61,7 +64,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     too_few = num_classes_mismatch(cfg.num_classes, shards)     # (the command said so before RUN existed)
     if too_few:
         raise TrainingError(too_few)
-    train_loader, val_loader = load_data(cfg, ctx, shards, per_rank_batch, precision)
+    train_loader, val_loader = load_data(cfg, ctx, shards, per_rank_batch, precision, (data_rank, data_ranks))
     loaders = [loader for loader in (train_loader, val_loader) if loader is not None]
     for note in (note for loader in loaders for note in loader.notes):   # --on-corrupt skip went on past damage
         warn(ctx, note)
@@ -73,8 +76,11 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     seed_everything(cfg.seed)
     model = place_network(cfg.arch, num_classes, ctx.device, channels_last=cfg.channels_last,
                           dropout=cfg.dropout, init=cfg.init)
-    optimizer = make_optimizer(cfg, model, ctx.device)
-    objects = ckpt.RunObjects(model, optimizer, *make_schedulers(cfg, optimizer, steps_per_epoch),
+    split = split_scheme(cfg, model, ctx)
+    optimizer = make_optimizer(cfg, split.trainable, ctx.device)
+    # checkpoints save and load the full network's optimizer state, whatever the scheme
+    objects = ckpt.RunObjects(model, CheckpointOptimizer(split, optimizer),
+                              *make_schedulers(cfg, optimizer, steps_per_epoch),
                               scaler=torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16"))
     identity = ckpt.RunIdentity(cfg.to_dict(), cfg.arch, num_classes, shards.classes, ctx.world_size,
                                 DataIdentity.of(shards).as_dict())
@@ -82,11 +88,11 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     # --- resume
     state, loader_state, resumed_at = resume_or_start(cfg, ctx, objects, identity, shards)
-    ddp_model = D.wrap_ddp(model, ctx, cfg.grad_compression)
-    engine = Engine(torch.compile(ddp_model) if cfg.compile else ddp_model, optimizer, objects.scaler,
+    network = split.network
+    engine = Engine(torch.compile(network) if cfg.compile else network, optimizer, objects.scaler,
                     objects.step_scheduler, ctx.device, precision, cfg.channels_last, cfg.label_smoothing)
 
-    derived = {"world_size": ctx.world_size, "per_rank_batch": per_rank_batch,
+    derived = {"world_size": ctx.world_size, "replicas": data_ranks, "per_rank_batch": per_rank_batch,
                "effective_lr": cfg.effective_lr, "resolved_precision": precision,
                "num_classes_resolved": num_classes, "steps_per_epoch": steps_per_epoch,
                "normalize_resolved": "mean-std" if cfg.scale_by_std else "mean"}
@@ -95,7 +101,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         say(ctx, "config:\n" + format_config(cfg, derived))
 
     # --- the epochs
-    checkpoints = Checkpointer(ctx, run_dir, objects, identity, train_loader)
+    checkpoints = Checkpointer(ctx, run_dir, objects, identity, train_loader, prepare=objects.optimizer.prepare)
     log = RunLog(run_dir, ctx.is_main, resumed_at)
     stop = StopFlag()
     stop.install()
@@ -112,7 +118,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             epoch = state.epoch
             with boundary.part("pipeline"):
                 position_loader(ctx, train_loader, state, loader_state)
-            epoch_result = run_epoch(cfg, ctx, engine, train_loader, state, hooks, log, steps_per_epoch)
+            epoch_result = run_epoch(cfg, ctx, engine, train_loader, state, hooks, log, steps_per_epoch, data_ranks)
             stall_before = {**boundary.fields(epoch_result), **checkpoints.timings()}
             boundary.begin(epoch_result.last_step_at)
             if epoch_result.outcome is Outcome.STOPPED:
@@ -129,10 +135,10 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 with boundary.part("pipeline"):
                     train_loader.prepare(state.epoch)
             with boundary.part("eval"):
-                val = (evaluate_val(model, val_loader, ctx, precision, cfg.channels_last)
+                val = (evaluate_val(model, split, val_loader, ctx, precision, cfg.channels_last)
                        if finished or state.epoch % cfg.eval_every == 0 else None)
             end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log, stall_before,
-                      val_split=val_loader is not None)
+                      val_split=val_loader is not None, replicas=data_ranks)
             if val is not None:
                 result["val"] = val.as_dict()
             is_best = val is not None and val.top1 > state.best_top1
@@ -174,10 +180,24 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_batch: int, precision: str):
-    """The train loader and (if the shard set has a val split) the val loader of this rank."""
+def split_scheme(cfg: TrainConfig, model: torch.nn.Module, ctx: D.DistContext) -> Split:
+    """`model` split across the ranks per --parallel (model/parallel: the one place that maps it)."""
+    try:
+        return split_network(cfg.parallel, model, ctx, cfg.grad_compression)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_batch: int, precision: str,
+              share: tuple[int, int] | None = None):
+    """The train loader and (if the shard set has a val split) the val loader of this rank. `share`:
+    (which share of the train split this rank reads, of how many), default its rank of the world;
+    the val split is always read one part per rank (evaluation runs the whole network on each)."""
+    data_ctx = replace(ctx, rank=share[0], world_size=share[1]) if share else ctx
+
     def spec(split: str):
-        return loader_spec(split, data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch, ctx=ctx,
+        return loader_spec(split, data=cfg.data, kind=cfg.loader, batch_size=per_rank_batch,
+                           ctx=data_ctx if split == "train" else ctx,
                            precision=precision, channels_last=cfg.channels_last, scale_by_std=cfg.scale_by_std,
                            on_corrupt=cfg.on_corrupt, workers=cfg.workers, seed=cfg.seed,
                            lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val", decode=cfg.decode)
@@ -237,8 +257,14 @@ def resume_or_start(cfg: TrainConfig, ctx: D.DistContext, objects: ckpt.RunObjec
     restored = ckpt.restore(saved, objects, identity, ctx.rank, path)
     if saved.get("data", {}).get("fingerprint") not in (None, identity.data["fingerprint"]):
         # --allow-other-data: the saved loader position is one in the other shard set's order
-        restored = dataclasses.replace(restored, loader=None)
+        restored = replace(restored, loader=None)
         say(ctx, f"--allow-other-data: continuing on {cfg.data}, another shard set than the one in {path}")
+    saved_parallel = saved.get("config", {}).get("parallel", "ddp")
+    if saved_parallel != cfg.parallel:
+        # the ranks read other shares of the data now: no loader state fits, the loader replays
+        say(ctx, f"--resume: the checkpoint was written under --parallel {saved_parallel}, this run is "
+                 f"--parallel {cfg.parallel}")
+        restored = replace(restored, loader=None)
     if restored.rng is not None:
         ckpt.set_rng_state(restored.rng)
     else:   # another world size: continue, but dropout masks cannot replay exactly
@@ -259,7 +285,7 @@ def position_loader(ctx: D.DistContext, loader, state: TrainState, loader_state:
 
 
 def run_epoch(cfg: TrainConfig, ctx: D.DistContext, engine: Engine, loader, state: TrainState, hooks: LoopHooks,
-              log: RunLog, steps_per_epoch: int) -> EpochResult:
+              log: RunLog, steps_per_epoch: int, replicas: int) -> EpochResult:
     """The rest of epoch `state.epoch`, with a progress bar (img/s, ETA) on rank 0."""
     from tqdm import tqdm
 
@@ -268,28 +294,30 @@ def run_epoch(cfg: TrainConfig, ctx: D.DistContext, engine: Engine, loader, stat
                           dynamic_ncols=True, leave=False)
     hooks.log = _log_and_show(log, hooks.progress)
     try:
-        return train_one_epoch(engine, loader, state, world_size=ctx.world_size, max_steps=cfg.max_steps,
+        return train_one_epoch(engine, loader, state, world_size=ctx.world_size, replicas=replicas,
+                               max_steps=cfg.max_steps,
                                log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, hooks=hooks)
     finally:
         hooks.progress.close()
 
 
-def evaluate_val(model: torch.nn.Module, val_loader, ctx: D.DistContext, precision: str,
+def evaluate_val(model: torch.nn.Module, split: Split, val_loader, ctx: D.DistContext, precision: str,
                  channels_last: bool) -> EvalResult | None:
     """The unwrapped network over the whole val split (every image once across ranks)."""
     if val_loader is None:
         return None
+    split.sync_full_model()         # a split network: the other ranks' slices into `model`
     return evaluate(model, val_loader, ctx.device, precision, channels_last)
 
 
 def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: EvalResult | None, engine: Engine,
               train_loader, state: TrainState, objects: ckpt.RunObjects, log: RunLog,
-              stall_before: dict[str, float], val_split: bool) -> None:
+              stall_before: dict[str, float], val_split: bool, replicas: int) -> None:
     """The epoch's record (metrics.jsonl and one line), and the plateau schedule's step.
     `stall_before`: the boundary before the epoch's first step (model/boundary.py); `val_split`:
     whether the run has a val split (evaluated every --eval-every epochs)."""
     record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
-              "img_per_s": epoch_result.images * ctx.world_size / max(epoch_result.seconds, 1e-9), **stall_before}
+              "img_per_s": epoch_result.images * replicas / max(epoch_result.seconds, 1e-9), **stall_before}
     skipped = getattr(train_loader, "num_skipped", 0)
     if skipped:     # --on-corrupt skip: say how many samples this rank left out so far
         record["skipped_samples"] = skipped
@@ -323,8 +351,9 @@ class Checkpointer:
     save or by `finish`, as the same one-line TrainingError a synchronous write gave."""
 
     def __init__(self, ctx: D.DistContext, run_dir: Path, objects: ckpt.RunObjects, identity: ckpt.RunIdentity,
-                 train_loader) -> None:
+                 train_loader, prepare: Callable[[], None] = lambda: None) -> None:
         self.ctx, self.run_dir, self.objects, self.identity = ctx, run_dir, objects, identity
+        self.prepare = prepare                   # collective: the full network and optimizer state
         self.train_loader = train_loader
         self.writer = Background("checkpoint writer")
         self._written_s: list[float] = []        # durations of the background writes finished so far
@@ -332,6 +361,7 @@ class Checkpointer:
         self._snapshot: dict | None = None      # the last host copy: its memory is reused by the next one
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
+        self.prepare()
         rng = D.all_gather_objects(ckpt.rng_state())
         loaders = D.all_gather_objects(self.train_loader.state_dict())
         if not self.ctx.is_main:

@@ -115,6 +115,8 @@ def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, h
         report["scaling"] = sc.scaling_report(inputs, sc.default_strategies(scaling_batch_factor),
                                               scaling_gpus or sc.DEFAULT_GPU_COUNTS, source=source)
         click.echo(sc.format_scaling(report["scaling"]))
+        report["scaling"]["schemes"] = sc.scheme_table(inputs, cfg.arch, cfg.num_classes)
+        click.echo(sc.format_scheme_table(report["scaling"]["schemes"]))
 
     if json_path is not None:
         json_path.write_text(json.dumps(_finite(report), indent=2) + "\n")

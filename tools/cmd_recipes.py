@@ -15,7 +15,7 @@ import click
 
 from alexnet_fast.model.config import PUBLISHED, RECIPES, Recipe, resolve_config
 from alexnet_fast.tools.common import CONTEXT
-from alexnet_fast.tools.scaling import ScalingInputs, Strategy, predict
+from alexnet_fast.tools.scaling import SCHEME_GPU_COUNTS, ScalingInputs, Strategy, predict, predict_scheme
 
 # ILSVRC-2012 train split: the images one epoch reads.
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -60,6 +60,28 @@ def predicted_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link
     return times
 
 
+def scheme_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link_gbps: float = ASSUMED_LINK_GBPS,
+                      gpu_counts: tuple[int, ...] = SCHEME_GPU_COUNTS) -> dict[str, list[WallTime]]:
+    """As `predicted_wall_times`, for each --parallel scheme the recipe's network can run, from the
+    bytes that scheme really sends (tools/scaling.predict_scheme): 1-8 GPUs, then 2-8 nodes of 8."""
+    from alexnet_fast.model.parallel import PARALLEL_NAMES
+
+    cfg = resolve_config(recipe)
+    images = run_images(recipe)
+    times: dict[str, list[WallTime]] = {}
+    for parallel in PARALLEL_NAMES:
+        for gpus in gpu_counts:
+            readers = gpus // 2 if parallel == "columns" else gpus
+            if readers < 1 or cfg.batch_size % readers:
+                continue
+            batch = cfg.batch_size // readers
+            inputs = ScalingInputs(step_seconds=batch / img_per_s, batch=batch, params=1, link_gbps=link_gbps)
+            p = predict_scheme(inputs, parallel, cfg.arch, 1000, gpus)
+            if p is not None:
+                times.setdefault(parallel, []).append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound))
+    return times
+
+
 def _parameter_count(arch: str) -> int:
     import torch
 
@@ -80,7 +102,9 @@ def recipe_report(recipe: str, img_per_s: float, link_gbps: float) -> dict:
         "run_images": run_images(recipe),
         "prediction": {"assumed_img_per_s_per_gpu": img_per_s, "link_gbps": link_gbps,
                        "note": "a prediction from tools/scaling.py at an assumed per-GPU rate, not a measurement",
-                       "wall_times": [asdict(t) for t in predicted_wall_times(recipe, img_per_s, link_gbps)]},
+                       "wall_times": [asdict(t) for t in predicted_wall_times(recipe, img_per_s, link_gbps)],
+                       "by_parallel": {name: [asdict(t) for t in rows]
+                                       for name, rows in scheme_wall_times(recipe, img_per_s, link_gbps).items()}},
     }
 
 
@@ -103,6 +127,16 @@ def format_report(report: dict) -> str:
     for t in prediction["wall_times"]:
         lines.append(f"    {t['gpus']} GPU{'s' if t['gpus'] > 1 else ' '}: {t['img_per_s']:>9,.0f} img/s  "
                      f"{t['hours']:6.2f} h  ({t['bound']}-bound)")
+    schemes = prediction.get("by_parallel", {})
+    if schemes:
+        lines.append("  by --parallel scheme (PREDICTED, each scheme's counted bytes; 16-64 GPUs = 2-8 nodes of 8), "
+                     "hours:")
+        counts = sorted({t["gpus"] for rows in schemes.values() for t in rows})
+        lines.append("    " + f"{'gpus':<8}" + "".join(f"{g:>8}" for g in counts))
+        for name, rows in schemes.items():
+            by_gpus = {t["gpus"]: t for t in rows}
+            lines.append("    " + f"{name:<8}" + "".join(f"{by_gpus[g]['hours']:>8.2f}" if g in by_gpus else f"{'-':>8}"
+                                                        for g in counts))
     return "\n".join(lines)
 
 

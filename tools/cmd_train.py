@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from alexnet_fast.model.parallel import Parallel, data_share
 from alexnet_fast.model.config import DEFAULT_RECIPE, ConfigError, TrainConfig, recipe_values, resolve_config
 from alexnet_fast.tools.common import (CONTEXT, UserError, check_device, check_global_batch, check_out_dir,
                                        is_rank_zero, open_shards, run_failures_as_one_line, world_size)
@@ -33,7 +34,10 @@ def check_devices(cfg: TrainConfig) -> int:
         raise click.BadParameter("bf16 compression needs NCCL (a GPU run); gloo has no bf16 all-reduce hook",
                                  param_hint="--grad-compression")
     ranks = world_size(device, cfg.gpus, cfg.nproc)
-    check_global_batch(cfg.batch_size, ranks)
+    if cfg.parallel == Parallel.COLUMNS.value and ranks % 2:
+        raise click.BadParameter(f"columns runs 2 ranks per replica: give an even number of ranks, not {ranks}",
+                                 param_hint="--parallel")
+    check_global_batch(cfg.batch_size, data_share(cfg.parallel, 0, ranks)[1])   # columns: per replica
     return ranks
 
 
@@ -55,8 +59,9 @@ def check_data_fits(cfg: TrainConfig, shards, ranks: int) -> None:
         raise UserError(f"--out {cfg.out} is {'the shard set' if out == data else 'inside the shard set'} --data "
                         f"{cfg.data}: a run's checkpoints and logs go outside it")
     samples = shards.num_samples("train")
-    if not train_batches(samples, ranks, cfg.batch_size // ranks):
-        over = f" over {ranks} ranks" if ranks > 1 else ""
+    replicas = data_share(cfg.parallel, 0, ranks)[1]     # columns: 2 ranks read one share
+    if not train_batches(samples, replicas, cfg.batch_size // replicas):
+        over = f" over {replicas} data-parallel ranks" if replicas > 1 else ""
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {samples} train images of --data "
                         f"{cfg.data}{over}: no full batch per epoch; use a smaller one")
     problem = num_classes_mismatch(cfg.num_classes, shards)

@@ -166,3 +166,69 @@ def format_scaling(report: dict) -> str:
         lines.append(f"{gpus:>5}  " + "  ".join(f"{c:>26}" for c in cells))
     lines.append("(img/s of all GPUs; % = of linear scaling; bound = what limits the step)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the three --parallel schemes, from the bytes each really passes (model/parallel/accounting.py)
+# --------------------------------------------------------------------------------------------
+SCHEME_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)      # 1-8 GPUs on one node, then 2-8 nodes of 8
+# gradients: all-reduced as backward produces them (hidden under `overlap` of the compute);
+# everything else (activations, logits) sits between two layers: on the critical path
+OVERLAPPED_KEYS = ("gradient buckets", "conv gradients", "column gradients")
+
+
+def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes: int, gpus: int) -> Prediction | None:
+    """img/s of `gpus` GPUs running `parallel` (ddp | columns | hybrid), each step's bytes counted
+    by the scheme's accounting at the per-GPU batch `inputs.batch` (columns: per replica of 2 GPUs,
+    each doing half its kernels, so half the measured compute). None where the scheme cannot run
+    (columns on an odd GPU count, or on a network without columns)."""
+    from alexnet_fast.model.config import COLUMN_ARCHS
+    from alexnet_fast.model.parallel.accounting import step_traffic
+
+    columns = parallel == "columns"
+    if columns and (gpus % 2 or arch not in COLUMN_ARCHS):
+        return None
+    readers = gpus // 2 if columns else gpus
+    compute = inputs.step_seconds / 2 if columns else inputs.step_seconds
+    traffic = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus)
+    per_byte = 0.0 if math.isinf(inputs.link_gbps) else 8 / (inputs.link_gbps * 1e9)
+    hidden_bytes = sum(v for k, v in traffic.sent.items() if k.split(":", 1)[1] in OVERLAPPED_KEYS)
+    exposed_bytes = traffic.sent_bytes - hidden_bytes
+    latency = len(traffic.sent) * 2 * max(gpus - 1, 0) * inputs.hop_latency_us * 1e-6
+    hidden = inputs.overlap * compute
+    comm = (hidden_bytes + exposed_bytes) * per_byte + latency
+    step = compute + exposed_bytes * per_byte + latency + max(0.0, hidden_bytes * per_byte - hidden)
+    per_gpu_images = inputs.batch * readers / gpus / step
+    bound = "comm" if step > compute * 1.05 else "compute"
+    if inputs.loader_img_per_s is not None and inputs.batch / step > inputs.loader_img_per_s:
+        per_gpu_images, bound = inputs.loader_img_per_s * readers / gpus, "loader"
+        step = inputs.batch / inputs.loader_img_per_s
+    single = inputs.batch / inputs.step_seconds
+    return Prediction(parallel, gpus, inputs.batch, compute * 1e3, comm * 1e3, step * 1e3,
+                      gpus * per_gpu_images, per_gpu_images / single, bound)
+
+
+def scheme_table(inputs: ScalingInputs, arch: str, num_classes: int = 1000,
+                 gpu_counts: tuple[int, ...] = SCHEME_GPU_COUNTS) -> list[dict]:
+    """One row per (GPUs, scheme) that can run; the bytes each GPU sends per step with it."""
+    from alexnet_fast.model.parallel import PARALLEL_NAMES
+    from alexnet_fast.model.parallel.accounting import step_traffic
+
+    rows = []
+    for gpus in gpu_counts:
+        for parallel in PARALLEL_NAMES:
+            p = predict_scheme(inputs, parallel, arch, num_classes, gpus)
+            if p is not None:
+                readers = gpus // 2 if parallel == "columns" else gpus
+                sent = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus).sent_bytes
+                rows.append({**p.as_dict(), "sent_mb_per_gpu": sent / 1e6})
+    return rows
+
+
+def format_scheme_table(rows: list[dict]) -> str:
+    lines = ["--parallel schemes (a model: bytes counted from each scheme's collectives, model/parallel/accounting.py):",
+             f"{'gpus':>5}  {'scheme':<8} {'MB sent/GPU/step':>17} {'img/s':>12}  of linear  bound"]
+    for r in rows:
+        lines.append(f"{r['gpus']:>5}  {r['strategy']:<8} {r['sent_mb_per_gpu']:>17.1f} {r['img_per_s']:>12,.0f}  "
+                     f"{r['efficiency']:>8.0%}  {r['bound']}")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The collectives the split networks are made of, as autograd functions, and the count of every
+byte they pass.
+
+Each function is one torch.distributed collective forward and its adjoint backward, on a process
+group (NCCL on GPUs, gloo on the CPU: the same calls):
+
+    gather(x, dim, group, sizes, backward=SUM)   all_gather along `dim` (uneven `sizes` padded);
+                                                 backward: reduce_scatter of the gradient (SUM: the
+                                                 ranks' consumers differ, each adds its part) or
+                                                 this rank's slice of it (OWN: every rank computed
+                                                 the same thing from the gathered tensor)
+    rows_to_columns(x, group, sizes, scale)      [n*b, C_r] (all rows, this rank's columns) ->
+                                                 [b, C] (this rank's rows, all columns): all_to_all;
+                                                 backward the inverse all_to_all, times `scale`
+
+`Traffic` counts what each rank hands to collectives ("passed": bytes of the input tensors, padding
+included) and what it sends under the usual algorithms ("sent": ring all-reduce 2(n-1)/n x size,
+all-gather (n-1) x the input, reduce-scatter and all-to-all (n-1)/n x the input). Counting is
+exact: it reads the tensors at the call, not a formula.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    """Bytes by (collective, where) since the last `reset`: what one rank passed and sent."""
+    passed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, where: str, op: str, tensor: torch.Tensor, ranks: int) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        share = {"all_reduce": 2 * (ranks - 1) / ranks, "all_gather": ranks - 1,
+                 "reduce_scatter": (ranks - 1) / ranks, "all_to_all": (ranks - 1) / ranks}[op]
+        key = f"{op}:{where}"
+        self.passed[key] += nbytes
+        self.sent[key] += nbytes * share
+
+    def reset(self) -> None:
+        self.passed.clear()
+        self.sent.clear()
+
+    @property
+    def passed_bytes(self) -> int:
+        return sum(self.passed.values())
+
+    @property
+    def sent_bytes(self) -> float:
+        return sum(self.sent.values())
+
+
+class Backward(str, Enum):
+    SUM = "sum"        # the ranks used the gathered tensor differently: add their gradients
+    OWN = "own"        # every rank computed the same from it: take this rank's slice, no traffic
+
+
+def shard_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `parts` near-equal slices of `size` (the first size % parts one longer)."""
+    base, extra = divmod(size, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        stop = start + base + (part < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _pad(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if x.shape[dim] == size:
+        return x.contiguous()
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim).contiguous()
+
+
+@dataclass(frozen=True)
+class Link:
+    """A process group, this rank's index in it, its size, and the traffic counter to charge."""
+    group: object | None
+    rank: int
+    size: int
+    traffic: Traffic
+    where: str = ""
+
+    def named(self, where: str) -> "Link":
+        return Link(self.group, self.rank, self.size, self.traffic, where)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, link: Link, sizes: tuple[int, ...], mode: Backward, scale: float):
+        ctx.dim, ctx.link, ctx.sizes, ctx.mode, ctx.scale = dim, link, sizes, mode, scale
+        widest = max(sizes)
+        mine = _pad(x, dim, widest)
+        parts = [torch.empty_like(mine) for _ in sizes]
+        link.traffic.add(link.where, "all_gather", mine, link.size)
+        dist.all_gather(parts, mine, group=link.group)
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        link, dim, sizes = ctx.link, ctx.dim, ctx.sizes
+        start = sum(sizes[:link.rank])
+        if ctx.mode is Backward.OWN:
+            mine = grad.narrow(dim, start, sizes[link.rank])
+        else:
+            widest = max(sizes)
+            chunks = [_pad(c, dim, widest) for c in grad.split(list(sizes), dim)]
+            mine = torch.empty_like(chunks[0])
+            for chunk in chunks:
+                link.traffic.add(link.where, "reduce_scatter", chunk, link.size)
+            dist.reduce_scatter(mine, chunks, group=link.group)
+            mine = mine.narrow(dim, 0, sizes[link.rank])
+        if ctx.scale != 1.0:
+            mine = mine * ctx.scale
+        return mine.contiguous(), None, None, None, None, None
+
+
+def gather(x: torch.Tensor, dim: int, link: Link, sizes: tuple[int, ...] | None = None,
+           backward: Backward = Backward.SUM, scale: float = 1.0) -> torch.Tensor:
+    """Every rank's `x`, concatenated along `dim` in rank order (`sizes`: each rank's extent along
+    `dim`; default all equal). The gradient of this rank's `x` is the sum of the ranks' gradients
+    of its slice (SUM) or this rank's own (OWN), times `scale`."""
+    sizes = tuple(sizes) if sizes is not None else (x.shape[dim],) * link.size
+    return _Gather.apply(x, dim, link, sizes, backward, scale)
+
+
+class _RowsToColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, link: Link, sizes: tuple[int, ...], scale: float):
+        ctx.link, ctx.sizes, ctx.scale = link, sizes, scale
+        widest = max(sizes)
+        send = _pad(x, 1, widest)                  # [n*b, widest]: row block s goes to rank s
+        received = torch.empty_like(send)
+        link.traffic.add(link.where, "all_to_all", send, link.size)
+        dist.all_to_all_single(received, send, group=link.group)
+        blocks = received.chunk(link.size, 0)      # block s: rank s's columns of this rank's rows
+        return torch.cat([b.narrow(1, 0, s) for b, s in zip(blocks, sizes)], 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        link, sizes = ctx.link, ctx.sizes
+        widest = max(sizes)
+        send = torch.cat([_pad(c, 1, widest) for c in grad.split(list(sizes), 1)], 0)
+        received = torch.empty_like(send)
+        link.traffic.add(link.where, "all_to_all", send, link.size)
+        dist.all_to_all_single(received, send, group=link.group)
+        mine = received.narrow(1, 0, sizes[link.rank])
+        return (mine * ctx.scale).contiguous(), None, None, None
+
+
+def rows_to_columns(x: torch.Tensor, link: Link, sizes: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    """[n*b, sizes[rank]] (every rank's rows, this rank's columns) -> [b, sum(sizes)] (this rank's
+    rows, every rank's columns); the gradient comes back the inverse way, times `scale`."""
+    return _RowsToColumns.apply(x, link, tuple(sizes), scale)
+
+
+class GradientReducer:
+    """Sums the gradients of `params` over `link`'s group as backward produces them: each one's
+    all-reduce is launched (async) from its post-accumulate hook, so it runs while backward goes on
+    through earlier layers; a callback queued at the end of backward waits for them all. The
+    optimizer never sees a gradient before its reduction ended."""
+
+    def __init__(self, params: list[torch.nn.Parameter], link: Link) -> None:
+        self.link = link
+        self._works: list = []
+        self._queued = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._launch) for p in params] if link.size > 1 else []
+
+    def _launch(self, param: torch.Tensor) -> None:
+        if not self._queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._queued = True
+        self.link.traffic.add(self.link.where, "all_reduce", param.grad, self.link.size)
+        self._works.append(dist.all_reduce(param.grad, group=self.link.group, async_op=True))
+
+    def _finish(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+        self._queued = False
