@@ -127,6 +127,8 @@ class TrainConfig:
     eval_every: int = _f(1, "evaluate every this many epochs (and always the final one); recipes keep evaluation "
                             "<= 5% of the training FLOPs at ImageNet scale (paper, 10 crops: 3)")
     resume: bool = _f(False, "continue from OUT/last.pt (the previous good one if it is damaged)")
+    init_from: str = _f("", "start from the weights of this checkpoint file (e.g. RUN/best.pt: what to do when "
+                            "every last*.pt of a run is damaged); optimizer, lr schedule and step count start afresh")
 
     # derived ------------------------------------------------------------------------------------
     @property
