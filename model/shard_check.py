@@ -17,7 +17,7 @@ What a failure does follows --on-corrupt, as with --verify-shards: `error` (the 
 epoch's checkpoint and stops with one line naming the shard and samples (re-make the shard, then
 --resume: a run on data other than the one it was made from should not go on unnoticed, and only
 the samples of one epoch were seen); `skip` leaves the changed samples out of every later epoch,
-counted like corrupt ones, with one warning line per shard.
+counted like corrupt ones, and says so in one line.
 """
 from __future__ import annotations
 

@@ -237,11 +237,13 @@ def shard_check_outcome(cfg: TrainConfig, ctx: D.DistContext, shard_check: Backg
                  f"all match the manifest")
         return result
     if cfg.on_corrupt == "skip":
-        for check in result.differing:
-            warn(ctx, check.describe() + (": left out from now on (--on-corrupt skip)" if check.changed else ""))
-        if result.changed_samples:
-            for loader in loaders:
-                loader.exclude(result.changed_samples)
+        # one line on stdout, not a warning per shard: a sample a loader already found corrupt (and
+        # warned about) is among these too, and leaving it out again changes nothing
+        say(ctx, f"shard check: {len(result.differing)} of {result.shards} shards differ from the manifest "
+                 f"({changed_shard_line(result)}); {len(result.changed_samples)} changed sample(s) left out from "
+                 f"now on (--on-corrupt skip)")
+        for loader in loaders:
+            loader.exclude(result.changed_samples)
     return result
 
 
