@@ -189,7 +189,8 @@ def best_weights(checkpoint: dict) -> dict:
 def content_digest(obj: Any) -> str:
     """sha256 over every value of a checkpoint dict but its `digest`: tensors and arrays by their
     bytes (with dtype and shape), other values by repr, in the dict's order (which torch.save keeps).
-    ~0.3 s per GB of tensors on one core; computed by the background writer, checked on load."""
+    ~0.7 CPU-seconds per GB (one core with SHA instructions: benchmarks/RESULTS.md); computed by the
+    background writer, checked on load."""
     digest = hashlib.sha256()
 
     def feed(value: Any) -> None:

@@ -125,7 +125,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 result["outcome"] = Outcome.STOPPED.value
                 break
             finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
-            shards_changed = shard_check_outcome(cfg, ctx, shard_check, loaders, finished)  # before the next epoch's plan
+            # before the next epoch is planned: changed samples it finds may have to be left out of it
+            shards_changed = shard_check_outcome(cfg, ctx, shard_check, loaders, finished)
             if not finished:        # the next epoch's pipeline builds while this boundary's work runs
                 with boundary.part("pipeline"):
                     train_loader.prepare(state.epoch)

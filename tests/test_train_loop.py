@@ -63,9 +63,10 @@ def test_an_epoch_stopped_and_continued_reports_the_whole_epoch():
     batches = _batches(5)
     whole = train_one_epoch(_engine(), batches, TrainState(), log_every=2)
     engine, state = _engine(), TrainState()
-    first = train_one_epoch(engine, batches, state, log_every=2, hooks=LoopHooks(stop_requested=lambda: state.step >= 3))
-    assert first.outcome is Outcome.STOPPED and state.tally.window_steps == 1    # step 3: after the step-2 log point
-    state.tally = ckpt.EpochTally(**json.loads(json.dumps(dataclasses.asdict(state.tally))))   # as a checkpoint holds it
+    stop_at_3 = LoopHooks(stop_requested=lambda: state.step >= 3)
+    first = train_one_epoch(engine, batches, state, log_every=2, hooks=stop_at_3)
+    assert first.outcome is Outcome.STOPPED and state.tally.window_steps == 1   # step 3: after the step-2 log point
+    state.tally = ckpt.EpochTally(**json.loads(json.dumps(dataclasses.asdict(state.tally))))   # as a checkpoint has it
     rest = train_one_epoch(engine, batches[3:], state, log_every=2)
     assert rest.outcome is Outcome.COMPLETED
     assert (rest.mean_loss, rest.images) == (whole.mean_loss, whole.images) == (rest.mean_loss, 10)

@@ -19,10 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import ALEXNET_FAST, KILLPOINT, QUIET, REPO, run
-
-from alexnet_fast.tools.sample_data import SampleSpec, ValFormat, write_raw_imagenet
-from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
+from faults import ALEXNET_FAST, KILLPOINT, REPO, run
 
 FLAGS = ["--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "2", "--workers", "1", "--seed", "3",
          "--lr", "0.002", "--no-scale-lr", "--log-every", "1", "--epochs", "2", "--ckpt-every", "3"]
@@ -42,17 +39,6 @@ STOPS = {
 CASES = [("step", "mid-epoch"), ("cosine", "epoch-boundary"), ("plateau-val", "during-eval"),
          ("plateau-loss", "during-checkpoint-write")]
 DECISIONS = ("step", "epoch", "loss", "lr", "val_top1", "val_top5", "val_images")
-
-
-@pytest.fixture(scope="module")
-def train_set_without_val(tmp_path_factory) -> Path:
-    """`train_set`'s shape with no val split: the plateau schedule then steps on the training loss."""
-    raw = write_raw_imagenet(tmp_path_factory.mktemp("noval_raw"),
-                             SampleSpec(classes=2, train_per_class=4, val_per_class=0, min_side=64, max_side=96,
-                                        odd_files=False, val_layout=ValFormat.FOLDERS))
-    out = tmp_path_factory.mktemp("noval_set")
-    make_shards(raw.root, out, ShardOptions(per_shard=4), workers=1, **QUIET)
-    return out
 
 
 def _decisions(run_dir: Path) -> list[dict]:
