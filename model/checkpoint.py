@@ -308,12 +308,16 @@ def sealed(obj: dict) -> dict:
 
 def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False, rotate: bool = True) -> Path:
     """Write RUN/last.pt atomically, keeping the previous last.pt as last.prev.pt; with `is_best`,
-    also RUN/best.pt (the weights, `best_weights`), a file of its own. `rotate=False`: the current
+    first RUN/best.pt (the weights, `best_weights`), a file of its own. `rotate=False`: the current
     last.pt is known to be bad (the run resumed from last.prev.pt), so it is replaced, not kept as
     last.prev.pt over the good one; a last.pt whose zip directory cannot be read is never kept."""
     run_dir = Path(run_dir)
     state = sealed(state)
     last, previous = run_dir / LAST, run_dir / PREVIOUS
+    # best.pt first: once last.pt records a best_top1, the weights that scored it are on disk (a kill
+    # between the two writes then costs nothing: the older last.pt replays the epoch and its eval)
+    if is_best:
+        atomic_save(sealed(best_weights(state)), run_dir / BEST)
     tmp = _temp_path(last)
     _write_synced(state, tmp)
     # The old last.pt was complete when written (only whole files ever get that name): keep it as
@@ -323,8 +327,6 @@ def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False, rot
         os.replace(last, previous)
     os.replace(tmp, last)
     _fsync_dir(run_dir)
-    if is_best:
-        atomic_save(sealed(best_weights(state)), run_dir / BEST)
     return last
 
 
