@@ -5,9 +5,9 @@ with equal losses, and SIGTERM to a 2-process run, are tests/test_train_resume.p
 One short real run is shared: `alexnet-fast train --on-corrupt skip` over a shard set with one
 undecodable JPEG, 3 steps of batch 4 (2 steps per epoch), a checkpoint every 2 steps and at each
 epoch end. Its run directory ends with last.pt (step 3) and last.prev.pt (the end of epoch 0).
-Tests that change the run directory work on a hard-linked copy: checkpoints are only ever
-replaced by rename, never rewritten in place, so the copy costs no disk and the shared run
-stays intact.
+Tests that change the run directory work on a copy whose checkpoints are hard links: checkpoints
+are only ever replaced by rename, never rewritten in place, so the copy costs no disk and the
+shared run stays intact (its small files, rewritten in place, are copied).
 """
 from __future__ import annotations
 
@@ -42,7 +42,13 @@ def _identity(path: Path) -> tuple[int, int, int]:
 
 
 def _linked_copy(run_dir: Path, dst: Path) -> Path:
-    shutil.copytree(run_dir, dst, copy_function=os.link)
+    """The checkpoints hard-linked (only ever replaced by rename), every other file copied:
+    metrics.jsonl and config.json are rewritten in place by a resumed run, which through a link
+    would change the shared run's own (a later test then compared against another run's steps)."""
+    def link_checkpoints(src: str, target: str) -> None:
+        (os.link if src.endswith(".pt") else shutil.copy2)(src, target)
+
+    shutil.copytree(run_dir, dst, copy_function=link_checkpoints)
     return dst
 
 
