@@ -1,8 +1,11 @@
-"""Checkpoints that survive kills, preemption and full disks.
+"""Checkpoints that survive kills, preemption, full disks and damaged files.
 
-RUN/last.pt        the newest checkpoint
+RUN/last.pt        the newest checkpoint: weights, optimizer, schedules, RNG and loader states,
+                   the epoch's running sums (AlexNet: ~456 MB, half of it SGD's momentum buffers)
 RUN/last.prev.pt   the one before it (kept so a damaged last.pt costs one interval, not the run)
-RUN/best.pt        the one with the best val top-1 so far
+RUN/best.pt        the weights with the best val top-1 so far, and what eval and export need to
+                   use them (arch, classes, config): no optimizer state (AlexNet: ~228 MB). A file
+                   of its own, never a link to last.pt, so damage to one is never damage to both.
 
 A save writes `<name>.tmp.<host>.<pid>` in the same directory, flushes and fsyncs it, and only
 then renames it over the old file (os.replace is atomic on POSIX), so at every instant each name
@@ -10,23 +13,34 @@ holds either the old complete checkpoint or the new complete one. A failing writ
 leaves the old file in place and removes the temp file. The temp name is the writer's own, so
 two processes writing the same run directory (which the run lock, tools/run_lock.py, normally
 prevents) can never remove or rename each other's temp files. A kill leaves the temp file behind;
-the next run removes it (`remove_stale_temporaries`) while it holds the run's lock. A load that finds `last.pt` truncated or unreadable
-warns and falls back to `last.prev.pt`.
+the next run removes it (`remove_stale_temporaries`) while it holds the run's lock.
+
+Integrity: every file carries `digest`, a sha256 over its tensors and values (`content_digest`),
+checked on every load: torch.load alone does not notice a flipped byte inside a tensor. A load
+that finds `last.pt` missing, truncated or changed warns and falls back to `last.prev.pt`; the
+next save then replaces the bad `last.pt` instead of rotating it into `last.prev.pt` over the good
+copy (`save_checkpoint(rotate=False)`), and a `last.pt` whose zip directory is unreadable is never
+rotated either. When neither is usable the error names an intact best.pt and how to start from it.
 
 What a checkpoint holds is written in one place, `capture` (and read back in `restore`):
     {"format": CHECKPOINT_FORMAT, "model": unwrapped state_dict, "optimizer", "scheduler", "scaler",
      "epoch", "step", "step_in_epoch", "best_top1", "rng": [per-rank RNG states],
      "loader": [per-rank train loader state_dict(): the DALI pipeline checkpoint, to resume mid-epoch],
-     "config": {...}, "arch", "num_classes", "classes", "world_size",
+     "tally": [per-rank EpochTally: the epoch's loss sum, steps, images, seconds so far],
+     "config": {...}, "arch", "num_classes", "classes", "world_size", "digest",
      "data": {"fingerprint", "shards", "samples"} (model/identity.py: which shard set it was trained on)}
+and best.pt (`best_weights`): {"format", "kind": "weights", "model", "epoch", "step", "best_top1",
+"config", "arch", "num_classes", "classes", "world_size", "digest"}.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
 import warnings
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,16 +49,23 @@ import torch
 from torch import nn
 
 from alexnet_fast.model.errors import RunError, TrainingError
-from alexnet_fast.model.loop import TrainState
+from alexnet_fast.model.loop import EpochTally, TrainState
 
 CHECKPOINT_FORMAT = "alexnet-fast-checkpoint-v1"
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 REQUIRED_KEYS = ("format", "model", "epoch", "step", "arch", "num_classes")
+# what best.pt keeps of a checkpoint (besides "format", "kind" and "digest")
+WEIGHTS_KEYS = ("model", "epoch", "step", "best_top1", "config", "arch", "num_classes", "classes", "world_size")
 TEMP_MARK = ".tmp."             # <name>.tmp.<host>.<pid>: see _temp_path
 
 
 class CheckpointError(RunError):
-    """No usable checkpoint; the message is one line for the user."""
+    """No usable checkpoint; the message is one line for the user. `intact_best`: the run's
+    best.pt when it is still good (what a run whose every last* is damaged can start from)."""
+
+    def __init__(self, message: str, intact_best: Path | None = None) -> None:
+        super().__init__(message)
+        self.intact_best = intact_best
 
 
 @dataclass
@@ -69,9 +90,9 @@ class RunIdentity:
 
 
 def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: list[dict],
-            loaders: list[dict]) -> dict:
-    """The checkpoint of a run at `state`: `rng` and `loaders` are every rank's RNG states and
-    train loader states, in rank order."""
+            loaders: list[dict], tallies: list[dict] | None = None) -> dict:
+    """The checkpoint of a run at `state`: `rng`, `loaders` and `tallies` are every rank's RNG
+    states, train loader states and epoch tallies (`asdict(state.tally)`), in rank order."""
     return {
         "model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
         "scheduler": {"step": objects.step_scheduler.state_dict() if objects.step_scheduler else None,
@@ -79,6 +100,7 @@ def capture(objects: RunObjects, state: TrainState, identity: RunIdentity, rng: 
         "scaler": objects.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
         "best_top1": state.best_top1, "rng": rng, "loader": loaders,
+        "tally": tallies if tallies is not None else [asdict(state.tally)],
         "config": identity.config, "arch": identity.arch, "num_classes": identity.num_classes,
         "classes": identity.classes, "world_size": identity.world_size, "data": identity.data,
     }
@@ -140,11 +162,64 @@ def restore(saved: dict, objects: RunObjects, identity: RunIdentity, rank: int, 
     if objects.plateau is not None and saved["scheduler"].get("plateau"):
         objects.plateau.load_state_dict(saved["scheduler"]["plateau"])
     objects.scaler.load_state_dict(saved["scaler"])
-    state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"])
     same_world = len(saved["rng"]) == identity.world_size
+    state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"], saved["best_top1"],
+                       _restored_tally(saved.get("tally"), rank, same_world))
     loaders = saved.get("loader")
     return Restored(state, saved["rng"][rank] if same_world else None,
                     loaders[rank] if loaders and len(loaders) == identity.world_size else None)
+
+
+def _restored_tally(tallies: list[dict] | None, rank: int, same_world: bool) -> EpochTally:
+    """This rank's epoch sums from a checkpoint. Another world size: the sums every rank shares
+    (the logged windows' loss, steps, time) from rank 0; the open window's loss was per rank and
+    is dropped with its steps, and images are counted afresh. A checkpoint from before tallies: empty."""
+    if not tallies:
+        return EpochTally()
+    if same_world:
+        return EpochTally(**tallies[rank])
+    first = tallies[0]
+    return EpochTally(loss_sum=first["loss_sum"], steps=first["steps"], seconds=first["seconds"])
+
+
+def best_weights(checkpoint: dict) -> dict:
+    """What best.pt holds, from a checkpoint `capture` wrote: the weights and what eval and export
+    need to use them; no optimizer, RNG or loader state."""
+    return {"kind": "weights", **{key: checkpoint[key] for key in WEIGHTS_KEYS if key in checkpoint}}
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 over every value of a checkpoint dict but its `digest`: tensors and arrays by their
+    bytes (with dtype and shape), other values by repr, in the dict's order (which torch.save keeps).
+    ~0.7 CPU-seconds per GB (one core with SHA instructions: benchmarks/RESULTS.md); computed by the
+    background writer, checked on load."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().reshape(-1).contiguous().cpu()
+            digest.update(f"T{flat.dtype}{tuple(value.shape)}".encode())
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+        elif isinstance(value, np.ndarray):
+            digest.update(f"A{value.dtype}{value.shape}".encode())
+            digest.update(memoryview(np.ascontiguousarray(value)).cast("B"))
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                if key != "digest":
+                    digest.update(repr(key).encode())
+                    feed(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -226,36 +301,45 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False) -> Path:
-    """Write RUN/last.pt atomically, keeping the previous last.pt as last.prev.pt; with
-    `is_best`, RUN/best.pt becomes the same file (a hard link, so no second write)."""
+def sealed(obj: dict) -> dict:
+    """`obj` as a checkpoint file holds it: with the format mark and its content digest."""
+    obj = {"format": CHECKPOINT_FORMAT, **obj}
+    obj["digest"] = content_digest(obj)
+    return obj
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, is_best: bool = False, rotate: bool = True) -> Path:
+    """Write RUN/last.pt atomically, keeping the previous last.pt as last.prev.pt; with `is_best`,
+    first RUN/best.pt (the weights, `best_weights`), a file of its own. `rotate=False`: the current
+    last.pt is known to be bad (the run resumed from last.prev.pt), so it is replaced, not kept as
+    last.prev.pt over the good one; a last.pt whose zip directory cannot be read is never kept."""
     run_dir = Path(run_dir)
-    state = {"format": CHECKPOINT_FORMAT, **state}
+    state = sealed(state)
     last, previous = run_dir / LAST, run_dir / PREVIOUS
+    # best.pt first: once last.pt records a best_top1, the weights that scored it are on disk (a kill
+    # between the two writes then costs nothing: the older last.pt replays the epoch and its eval)
+    if is_best:
+        atomic_save(sealed(best_weights(state)), run_dir / BEST)
     tmp = _temp_path(last)
     _write_synced(state, tmp)
-    # The old last.pt was complete (only whole files ever get that name): keep it as the fallback.
-    # A kill between these two renames leaves last.prev.pt + a complete temp file; load_checkpoint
-    # falls back to last.prev.pt.
-    if last.exists():
+    # The old last.pt was complete when written (only whole files ever get that name): keep it as
+    # the fallback, unless it is known or found to be bad since. A kill between these two renames
+    # leaves last.prev.pt + a complete temp file; load_checkpoint falls back to last.prev.pt.
+    if rotate and last.exists() and _zip_readable(last):
         os.replace(last, previous)
     os.replace(tmp, last)
     _fsync_dir(run_dir)
-    if is_best:
-        _link_or_copy(last, run_dir / BEST)
     return last
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = _temp_path(dst)
-    tmp.unlink(missing_ok=True)     # ours, from a link that failed part-way
+def _zip_readable(path: Path) -> bool:
+    """A cheap look at a checkpoint (its zip directory, at the end of the file): False for one cut
+    short or overwritten. It reads kilobytes, not the file; the digest check on load is the full one."""
     try:
-        os.link(src, tmp)       # files are never modified in place, so sharing the inode is safe
-    except OSError:
-        atomic_save(torch.load(src, map_location="cpu", weights_only=False), dst)
-        return
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -274,6 +358,10 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) \
             or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an alexnet-fast checkpoint")
+    # files written before digests have none: they get torch.load's checks only
+    if "digest" in state and content_digest(state) != state["digest"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged (its contents no longer match the sha256 "
+                              f"written with it)")
     return state
 
 
@@ -303,7 +391,31 @@ def load_checkpoint(path_or_run_dir: str | Path, warn: Callable[[str], None] | N
             else:
                 warnings.warn(message, stacklevel=2)
         return state, candidate
-    raise CheckpointError(f"no usable checkpoint in {str(target)!r}: {'; '.join(errors)}")
+    best = _intact_best(target)
+    raise CheckpointError(f"no usable checkpoint in {str(target)!r}: {'; '.join(errors)}"
+                          + (f"; {best} is intact (the weights of the best epoch, no optimizer state)" if best else ""),
+                          intact_best=best)
+
+
+def _intact_best(run_dir: Path) -> Path | None:
+    """RUN/best.pt if it exists and passes every check, else None."""
+    try:
+        read_checkpoint(run_dir / BEST)
+    except CheckpointError:
+        return None
+    return run_dir / BEST
+
+
+def load_weights(path: str | Path, arch: str, num_classes: int, classes: list[str] | None) -> dict:
+    """The model state_dict of a checkpoint file (best.pt, last.pt, ...) for `--init-from`;
+    CheckpointError (one line) if it is unusable or holds another network or class list."""
+    state = read_checkpoint(path)
+    if state["arch"] != arch or state["num_classes"] != num_classes:
+        raise CheckpointError(f"{str(path)!r} holds {state['arch']} with {state['num_classes']} classes, "
+                              f"not {arch} with {num_classes}")
+    if classes and state.get("classes") and list(state["classes"]) != list(classes):
+        raise CheckpointError(f"{str(path)!r} was trained on another class list than this shard set's")
+    return state["model"]
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

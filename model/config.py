@@ -136,6 +136,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue from OUT/last.pt (the previous good one if it is damaged)")
     allow_other_data: bool = _f(False, "with --resume: continue on a shard set other than the one the run was "
                                        "trained on (same classes; an epoch in progress goes on in the new set's order)")
+    init_from: str = _f("", "start from the weights of this checkpoint file (e.g. RUN/best.pt: what to do when "
+                            "every last*.pt of a run is damaged); optimizer, lr schedule and step count start afresh")
 
     # derived ------------------------------------------------------------------------------------
     @property

@@ -39,12 +39,30 @@ class Outcome(str, Enum):
 
 
 @dataclass
+class EpochTally:
+    """The running sums of the epoch in progress, on this rank: what its record (loss, img/s) and
+    the plateau schedule without a val split are computed from. Saved in every checkpoint and
+    continued on resume, so an epoch resumed mid-way reports the same numbers as one never stopped.
+    The open window (steps since the last log point) is kept apart, as the loop sums it: folding it
+    early would round differently from a run that was never stopped."""
+    loss_sum: float = 0.0            # the closed windows' loss sums, mean over ranks per step
+    steps: int = 0                   # the steps those windows hold
+    images: int = 0                  # images this rank trained on in the epoch
+    seconds: float = 0.0             # time spent in the epoch's training calls before this one
+    window_loss: float = 0.0         # this rank's loss sum of the open window (a float32 value)
+    window_steps: int = 0
+    window_images: int = 0
+    window_seconds: float = 0.0      # time the open window ran before this call
+
+
+@dataclass
 class TrainState:
     """Where the run is; saved in every checkpoint."""
     epoch: int = 0                   # the epoch in progress (or the next one to start)
     step: int = 0                    # optimizer steps taken in the whole run
     step_in_epoch: int = 0           # batches of `epoch` already trained on (to resume mid-epoch)
     best_top1: float = -1.0
+    tally: EpochTally = field(default_factory=EpochTally)   # the epoch's sums so far
 
 
 @dataclass
@@ -168,9 +186,9 @@ class LoopHooks:
 @dataclass
 class EpochResult:
     outcome: Outcome
-    mean_loss: float
-    images: int                      # images this rank trained on in this call
-    seconds: float
+    mean_loss: float                 # over every step of the epoch so far (those before a resume too)
+    images: int                      # images this rank trained on in the epoch so far
+    seconds: float                   # time the epoch's steps took so far (before a resume too)
     losses: list[float] = field(default_factory=list)   # the logged losses (one per log point)
     # host clock (time.perf_counter) around the epoch's steps: what the epoch boundary is timed by
     first_batch_s: float = 0.0       # from the call to the first batch in hand (the pipeline's start-up)
@@ -189,15 +207,24 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
     stop = hooks.stop_agreement or StopAgreement(engine.device)
     engine.model.train()
     device = engine.device
-    # Device-side accumulators: read only at log points.
-    loss_sum = torch.zeros((), device=device)
+    tally = state.tally
+    # Device-side accumulators: read only at log points. The open window continues a resumed one.
+    loss_sum = torch.full((), tally.window_loss, dtype=torch.float32, device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     device_step = torch.full((), state.step, dtype=torch.int64, device=device)
-    epoch_loss_sum, epoch_steps, images_seen, logged = 0.0, 0, 0, []
-    window_steps, window_images, window_start = 0, 0, time.perf_counter()
-    start = window_start
+    logged = []
+    window_steps, window_images = tally.window_steps, tally.window_images
+    call_start = time.perf_counter()
+    window_start = call_start - tally.window_seconds
+    seconds_before = tally.seconds   # the epoch's training time in earlier calls (before a resume)
     first_step_at = last_step_at = 0.0
     outcome = Outcome.COMPLETED
+
+    def park_window() -> None:
+        """Put the open window into the tally (a checkpoint is about to carry it). A host sync."""
+        tally.window_loss, tally.window_steps, tally.window_images = loss_sum.item(), window_steps, window_images
+        tally.window_seconds = time.perf_counter() - window_start
+        tally.seconds = seconds_before + time.perf_counter() - call_start
 
     for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
         if not first_step_at:
@@ -211,7 +238,7 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), device_step, first_bad_step)
         window_steps += 1
         window_images += labels.shape[0]
-        images_seen += labels.shape[0]
+        tally.images += labels.shape[0]
         if hooks.progress is not None:
             hooks.progress.update(1)
 
@@ -224,13 +251,14 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
                       "lr": engine.lr, "img_per_s": window_images * (replicas or world_size) / max(elapsed, 1e-9)}
             hooks.log(record)
             logged.append(record["loss"])
-            epoch_loss_sum += window_loss
-            epoch_steps += window_steps
+            tally.loss_sum += window_loss
+            tally.steps += window_steps
             loss_sum.zero_()
             window_steps, window_images, window_start = 0, 0, time.perf_counter()
 
         if ckpt_every and state.step % ckpt_every == 0 and not at_end:
             raise_if_loss_was_bad(first_bad_step)
+            park_window()
             hooks.checkpoint()
         if at_end:
             outcome = Outcome.MAX_STEPS
@@ -239,16 +267,20 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
             outcome = Outcome.STOPPED
             break
 
-    if window_steps:                 # the tail after the last log point
-        totals = D.all_reduce_sum(loss_sum.clone())
-        epoch_loss_sum += totals.item() / world_size
-        epoch_steps += window_steps
     raise_if_loss_was_bad(first_bad_step)
+    # The tail after the last log point: into the mean, but kept open in the tally unless the epoch
+    # is over (a stopped epoch continues it on resume, as if never stopped).
+    tail = D.all_reduce_sum(loss_sum.clone()).item() / world_size if window_steps else 0.0
+    mean_loss = (tally.loss_sum + tail) / max(tally.steps + window_steps, 1)
+    seconds = seconds_before + time.perf_counter() - call_start
+    images = tally.images
     if outcome is Outcome.COMPLETED:
         state.epoch += 1
         state.step_in_epoch = 0
-    return EpochResult(outcome, epoch_loss_sum / max(epoch_steps, 1), images_seen,
-                       time.perf_counter() - start, logged, first_batch_s=max(0.0, first_step_at - start),
+        state.tally = EpochTally()
+    else:
+        park_window()
+    return EpochResult(outcome, mean_loss, images, seconds, logged, first_batch_s=max(0.0, first_step_at - call_start),
                        first_step_at=first_step_at, last_step_at=last_step_at)
 
 

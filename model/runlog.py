@@ -5,7 +5,10 @@ compare runs).
 
 metrics.jsonl holds one JSON object per line: per log interval {"step", "epoch", "loss", "lr",
 "img_per_s"}, per epoch the same plus "val_top1", "val_top5", "val_images" (when there is a val
-split) and "skipped_samples" (when samples were skipped)."""
+split), "skipped_samples" (when samples were skipped) and, in the epoch at whose end the background
+shard hash check finished, "shard_check" (model/shard_check.py). An epoch record's "loss" and
+"img_per_s" cover the whole epoch, a resumed one too (its sums are in the checkpoint: model/loop.py
+EpochTally)."""
 from __future__ import annotations
 
 import json

@@ -16,7 +16,7 @@ import contextlib
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +37,7 @@ from alexnet_fast.model.parallel import CheckpointOptimizer, Split, data_share, 
 from alexnet_fast.model.runlog import RunLog, write_curves
 from alexnet_fast.model.runtime import (loader_spec, loader_workers, place_network, resolve_precision, seed_everything,
                                         set_backend_flags)
+from alexnet_fast.model.shard_check import BackgroundShardCheck, ShardCheckResult
 from alexnet_fast.pipeline.loaders import make_loader
 from alexnet_fast.pipeline.shardset import ShardSet
 
@@ -70,6 +71,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         warn(ctx, note)
     if cfg.verify_shards:
         exclude_changed_samples(cfg, ctx, shards, loaders)
+        shard_check = None
+    else:       # the same hashing, behind the first epoch's steps (model/shard_check.py)
+        shard_check = BackgroundShardCheck(shards, ctx.rank, ctx.world_size)
     steps_per_epoch = len(train_loader)
 
     # --- model, optimizer, schedules (the same seed on every rank: identical initial weights)
@@ -87,7 +91,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     seed_everything(cfg.seed + ctx.rank)     # each rank its own dropout masks
 
     # --- resume
-    state, loader_state, resumed_at = resume_or_start(cfg, ctx, objects, identity, shards)
+    state, loader_state, resumed_at, last_is_good = resume_or_start(cfg, ctx, objects, identity, shards)
     network = split.network
     engine = Engine(torch.compile(network) if cfg.compile else network, optimizer, objects.scaler,
                     objects.step_scheduler, ctx.device, precision, cfg.channels_last, cfg.label_smoothing)
@@ -101,7 +105,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         say(ctx, "config:\n" + format_config(cfg, derived))
 
     # --- the epochs
-    checkpoints = Checkpointer(ctx, run_dir, objects, identity, train_loader, prepare=objects.optimizer.prepare)
+    checkpoints = Checkpointer(ctx, run_dir, objects, identity, train_loader, last_is_good,
+                               prepare=objects.optimizer.prepare)
     log = RunLog(run_dir, ctx.is_main, resumed_at)
     stop = StopFlag()
     stop.install()
@@ -113,6 +118,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
     boundary = EpochBoundary()      # the stall between two epochs, by part (model/boundary.py)
     curves = Redrawer(lambda: write_curves([run_dir], run_dir / "curves.png"), "curves") if ctx.is_main else None
+    if shard_check is not None:
+        shard_check.start()
     try:
         while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
             epoch = state.epoch
@@ -131,13 +138,16 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 result["outcome"] = Outcome.STOPPED.value
                 break
             finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
+            # before the next epoch is planned: changed samples it finds may have to be left out of it
+            shards_changed = shard_check_outcome(cfg, ctx, shard_check, loaders, finished)
             if not finished:        # the next epoch's pipeline builds while this boundary's work runs
                 with boundary.part("pipeline"):
                     train_loader.prepare(state.epoch)
             with boundary.part("eval"):
                 val = (evaluate_val(model, split, val_loader, ctx, precision, cfg.channels_last)
                        if finished or state.epoch % cfg.eval_every == 0 else None)
-            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log, stall_before,
+            end_epoch(ctx, epoch, epoch_result, val, engine, train_loader, state, objects, log,
+                      {**stall_before, **(shards_changed.record() if shards_changed else {})},
                       val_split=val_loader is not None, replicas=data_ranks)
             if val is not None:
                 result["val"] = val.as_dict()
@@ -146,6 +156,11 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 state.best_top1 = val.top1
             with boundary.part("checkpoint"):
                 checkpoints.save(state, is_best)
+            if shards_changed and shards_changed.differing and cfg.on_corrupt == "error":
+                checkpoints.finish()
+                raise TrainingError(f"{changed_shard_line(shards_changed)}; the checkpoint of epoch {epoch + 1} is "
+                                    f"written: re-make that shard (tools/make_shards), then continue with --resume, "
+                                    f"or pass --on-corrupt skip to leave such samples out")
             if curves is not None:
                 with boundary.part("plot"):
                     curves.request()         # drawn on a thread of its own: never blocks a step
@@ -236,41 +251,84 @@ def exclude_changed_samples(cfg: TrainConfig, ctx: D.DistContext, shard_set: Sha
             loader.exclude(changed)
 
 
+def shard_check_outcome(cfg: TrainConfig, ctx: D.DistContext, shard_check: BackgroundShardCheck | None,
+                        loaders: list, last_boundary: bool) -> ShardCheckResult | None:
+    """At an epoch boundary: the background shard hash check's result, once every rank is done
+    (collective; at the run's last boundary it waits for it). It is said in one line; with
+    --on-corrupt skip the changed samples are left out of every later epoch (with error the caller
+    stops the run after the checkpoint)."""
+    result = shard_check.poll(ctx.device, wait=last_boundary) if shard_check is not None else None
+    if result is None:
+        return None
+    if not result.differing:
+        say(ctx, f"shard check: {result.shards} shards hashed in the background in {result.seconds:.1f} s, "
+                 f"all match the manifest")
+        return result
+    if cfg.on_corrupt == "skip":
+        # one line on stdout, not a warning per shard: a sample a loader already found corrupt (and
+        # warned about) is among these too, and leaving it out again changes nothing
+        say(ctx, f"shard check: {len(result.differing)} of {result.shards} shards differ from the manifest "
+                 f"({changed_shard_line(result)}); {len(result.changed_samples)} changed sample(s) left out from "
+                 f"now on (--on-corrupt skip)")
+        for loader in loaders:
+            loader.exclude(result.changed_samples)
+    return result
+
+
+def changed_shard_line(result: ShardCheckResult) -> str:
+    first = next((c for c in result.differing if c.changed), result.differing[0])
+    more = len(result.differing) - 1
+    return first.describe() + (f" (and {more} more shard(s) differ from the manifest)" if more else "")
+
+
 def resume_or_start(cfg: TrainConfig, ctx: D.DistContext, objects: ckpt.RunObjects, identity: ckpt.RunIdentity,
-                    shards: ShardSet) -> tuple[TrainState, dict | None, int | None]:
+                    shards: ShardSet) -> tuple[TrainState, dict | None, int | None, bool]:
     """With --resume and a checkpoint in the run directory: load it into `objects` (its newest good
     one: last.pt, else last.prev.pt with a warning) and return where the run stands, this rank's
-    train loader state and the step it resumed at. Otherwise a fresh start (resumed at None).
-    A checkpoint of another network, class list or (without --allow-other-data) shard set is
-    refused (the command checked it already, before touching RUN: this holds for API callers)."""
+    train loader state, the step it resumed at and whether RUN/last.pt is good (False: the first
+    save must replace it, not keep it as last.prev.pt). Otherwise a fresh start (resumed at None),
+    from the weights of --init-from when given. A checkpoint of another network, class list or
+    (without --allow-other-data) shard set is refused (the command checked it already, before
+    touching RUN: this holds for API callers)."""
     run_dir = Path(cfg.out)
-    if not cfg.resume:
-        return TrainState(), None, None
-    if not ckpt.has_checkpoint(run_dir):
+    if cfg.resume and ckpt.has_checkpoint(run_dir):
+        try:
+            saved, path = ckpt.load_checkpoint(run_dir, lambda message: warn(ctx, message))
+        except ckpt.CheckpointError as e:
+            if e.intact_best is None:
+                raise
+            raise ckpt.CheckpointError(f"{e}: start from its weights with --init-from {e.intact_best} "
+                                       f"instead of --resume (the optimizer and lr schedule start afresh)") from None
+        refusal = resume_refusal(saved, path, arch=identity.arch, num_classes=identity.num_classes, shard_set=shards,
+                                 allow_other_data=cfg.allow_other_data)
+        if refusal:
+            raise TrainingError(refusal)
+        restored = ckpt.restore(saved, objects, identity, ctx.rank, path)
+        if saved.get("data", {}).get("fingerprint") not in (None, identity.data["fingerprint"]):
+            # --allow-other-data: the saved loader position is one in the other shard set's order
+            restored = replace(restored, loader=None)
+            say(ctx, f"--allow-other-data: continuing on {cfg.data}, another shard set than the one in {path}")
+        saved_parallel = saved.get("config", {}).get("parallel", "ddp")
+        if saved_parallel != cfg.parallel:
+            # the ranks read other shares of the data now: no loader state fits, the loader replays
+            say(ctx, f"--resume: the checkpoint was written under --parallel {saved_parallel}, this run is "
+                     f"--parallel {cfg.parallel}")
+            restored = replace(restored, loader=None)
+        if restored.rng is not None:
+            ckpt.set_rng_state(restored.rng)
+        else:   # another world size: continue, but dropout masks cannot replay exactly
+            seed_everything(cfg.seed + ctx.rank + 1_000_003 * restored.state.step)
+        say(ctx, f"resumed from {path}: epoch {restored.state.epoch}, step {restored.state.step}"
+                 + (f" (--init-from {cfg.init_from} not used: a run that resumes keeps its own weights)"
+                    if cfg.init_from else ""))
+        return restored.state, restored.loader, restored.state.step, path.name == ckpt.LAST
+    if cfg.resume:
         say(ctx, f"--resume: no checkpoint in {run_dir} yet, starting from scratch")
-        return TrainState(), None, None
-    saved, path = ckpt.load_checkpoint(run_dir, lambda message: warn(ctx, message))
-    refusal = resume_refusal(saved, path, arch=identity.arch, num_classes=identity.num_classes, shard_set=shards,
-                             allow_other_data=cfg.allow_other_data)
-    if refusal:
-        raise TrainingError(refusal)
-    restored = ckpt.restore(saved, objects, identity, ctx.rank, path)
-    if saved.get("data", {}).get("fingerprint") not in (None, identity.data["fingerprint"]):
-        # --allow-other-data: the saved loader position is one in the other shard set's order
-        restored = replace(restored, loader=None)
-        say(ctx, f"--allow-other-data: continuing on {cfg.data}, another shard set than the one in {path}")
-    saved_parallel = saved.get("config", {}).get("parallel", "ddp")
-    if saved_parallel != cfg.parallel:
-        # the ranks read other shares of the data now: no loader state fits, the loader replays
-        say(ctx, f"--resume: the checkpoint was written under --parallel {saved_parallel}, this run is "
-                 f"--parallel {cfg.parallel}")
-        restored = replace(restored, loader=None)
-    if restored.rng is not None:
-        ckpt.set_rng_state(restored.rng)
-    else:   # another world size: continue, but dropout masks cannot replay exactly
-        seed_everything(cfg.seed + ctx.rank + 1_000_003 * restored.state.step)
-    say(ctx, f"resumed from {path}: epoch {restored.state.epoch}, step {restored.state.step}")
-    return restored.state, restored.loader, restored.state.step
+    if cfg.init_from:
+        objects.model.load_state_dict(ckpt.load_weights(cfg.init_from, identity.arch, identity.num_classes,
+                                                        identity.classes))
+        say(ctx, f"weights from {cfg.init_from}; optimizer, lr schedule and step count start afresh")
+    return TrainState(), None, None, True
 
 
 def position_loader(ctx: D.DistContext, loader, state: TrainState, loader_state: dict | None) -> None:
@@ -314,7 +372,8 @@ def end_epoch(ctx: D.DistContext, epoch: int, epoch_result: EpochResult, val: Ev
               train_loader, state: TrainState, objects: ckpt.RunObjects, log: RunLog,
               stall_before: dict[str, float], val_split: bool, replicas: int) -> None:
     """The epoch's record (metrics.jsonl and one line), and the plateau schedule's step.
-    `stall_before`: the boundary before the epoch's first step (model/boundary.py); `val_split`:
+    `stall_before`: the boundary before the epoch's first step (model/boundary.py), and any other
+    fields the record carries (the background shard check's result); `val_split`:
     whether the run has a val split (evaluated every --eval-every epochs)."""
     record = {"step": state.step, "epoch": epoch, "loss": epoch_result.mean_loss, "lr": engine.lr,
               "img_per_s": epoch_result.images * replicas / max(epoch_result.seconds, 1e-9), **stall_before}
@@ -351,10 +410,13 @@ class Checkpointer:
     save or by `finish`, as the same one-line TrainingError a synchronous write gave."""
 
     def __init__(self, ctx: D.DistContext, run_dir: Path, objects: ckpt.RunObjects, identity: ckpt.RunIdentity,
-                 train_loader, prepare: Callable[[], None] = lambda: None) -> None:
+                 train_loader, last_is_good: bool = True, prepare: Callable[[], None] = lambda: None) -> None:
         self.ctx, self.run_dir, self.objects, self.identity = ctx, run_dir, objects, identity
         self.prepare = prepare                   # collective: the full network and optimizer state
         self.train_loader = train_loader
+        # False when the run resumed from last.prev.pt because last.pt was bad: the first write then
+        # replaces last.pt instead of rotating it over the good last.prev.pt
+        self._rotate = last_is_good
         self.writer = Background("checkpoint writer")
         self._written_s: list[float] = []        # durations of the background writes finished so far
         self._waited_s: list[float] = []         # how long saves waited for the write before them
@@ -364,14 +426,16 @@ class Checkpointer:
         self.prepare()
         rng = D.all_gather_objects(ckpt.rng_state())
         loaders = D.all_gather_objects(self.train_loader.state_dict())
+        tallies = D.all_gather_objects(asdict(state.tally))
         if not self.ctx.is_main:
             return
         # the previous write reads the host copy about to be overwritten (done long ago, normally)
         self._waited_s.append(self.writer.wait())
-        snapshot = self._snapshot = ckpt.to_host(ckpt.capture(self.objects, state, self.identity, rng, loaders),
-                                                 reuse=self._snapshot)
-        step = state.step
-        self.writer.submit(lambda: self._write(snapshot, step, is_best))
+        captured = ckpt.capture(self.objects, state, self.identity, rng, loaders, tallies)
+        snapshot = self._snapshot = ckpt.to_host(captured, reuse=self._snapshot)
+        step, rotate = state.step, self._rotate
+        self._rotate = True         # from the next write on, last.pt is one this run wrote
+        self.writer.submit(lambda: self._write(snapshot, step, is_best, rotate))
 
     def finish(self) -> None:
         """Wait for the write in flight: on return the last checkpoint is on disk (or its error raised)."""
@@ -385,10 +449,10 @@ class Checkpointer:
         self._written_s, self._waited_s = [], []
         return {"checkpoint_write_s": written, "checkpoint_wait_s": waited} if written else {}
 
-    def _write(self, snapshot: dict, step: int, is_best: bool) -> None:
+    def _write(self, snapshot: dict, step: int, is_best: bool, rotate: bool) -> None:
         started = time.perf_counter()
         try:
-            ckpt.save_checkpoint(snapshot, self.run_dir, is_best=is_best)
+            ckpt.save_checkpoint(snapshot, self.run_dir, is_best=is_best, rotate=rotate)
         except OSError as e:    # disk full, quota: save_checkpoint removed its temp file, the old ones stand
             kept = (f"{ckpt.LAST} still holds the previous one" if (self.run_dir / ckpt.LAST).exists()
                     else "no checkpoint was written")

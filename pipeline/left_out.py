@@ -41,9 +41,9 @@ class LeftOutSamples:
         return self._patches.index_of(shard.tar, shard.index)
 
     def exclude(self, names: list[str]) -> None:
-        """Leave these samples ("<tar>:<key>") out from now on."""
+        """Leave these samples ("<tar>:<key>") out from now on (those already left out stay as they are)."""
         by_tar: dict[str, set[str]] = {}
-        for name in names:
+        for name in (n for n in names if n not in self._names):
             tar, key = name.rsplit(":", 1)
             by_tar.setdefault(tar, set()).add(key)
         for shard in self._shards:

@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import torch
 
 from alexnet_fast.model.runlog import read_metrics
 from alexnet_fast.tools.cli import run_command
@@ -29,6 +30,11 @@ def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, cap
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 24 and manifest["rejected"] == []
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "config.json").is_file()
+    # disk: a finished demo keeps the weights-only best.pt, not the ~456 MB resume checkpoints
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "last.prev.pt").exists()
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
+    assert "optimizer" not in best and best["kind"] == "weights" and best["arch"] == "alexnet-owt"
+    assert (tmp_path / "run" / "best.pt").stat().st_size < 240e6       # alexnet-owt's 57M fp32 weights, ~228 MB
     assert f"curves in {tmp_path / 'run' / 'curves.png'}" in summary[0]
     assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")   # redrawn each epoch
 

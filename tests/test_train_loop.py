@@ -2,6 +2,7 @@
 tensors (no loader, no subprocess): fast and exact."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import random
@@ -54,6 +55,23 @@ def test_resumed_epoch_counts_on_from_the_saved_batch():
     assert [r["step"] for r in logged] == [8, 9]
     assert (state.epoch, state.step, state.step_in_epoch) == (1, 9, 0)
     assert result.images == 4
+
+
+def test_an_epoch_stopped_and_continued_reports_the_whole_epoch():
+    """The epoch's sums live in the TrainState (and so in every checkpoint): an epoch stopped after
+    3 of 5 steps, between two log points, and continued from its state reports the same mean loss
+    and image count as the same epoch run in one go, bit for bit."""
+    batches = _batches(5)
+    whole = train_one_epoch(_engine(), batches, TrainState(), log_every=2)
+    engine, state = _engine(), TrainState()
+    stop_at_3 = LoopHooks(stop_requested=lambda: state.step >= 3)
+    first = train_one_epoch(engine, batches, state, log_every=2, hooks=stop_at_3)
+    assert first.outcome is Outcome.STOPPED and state.tally.window_steps == 1   # step 3: after the step-2 log point
+    state.tally = ckpt.EpochTally(**json.loads(json.dumps(dataclasses.asdict(state.tally))))   # as a checkpoint has it
+    rest = train_one_epoch(engine, batches[3:], state, log_every=2)
+    assert rest.outcome is Outcome.COMPLETED
+    assert (rest.mean_loss, rest.images) == (whole.mean_loss, whole.images) == (rest.mean_loss, 10)
+    assert state.tally == ckpt.EpochTally()         # the next epoch starts from nothing
 
 
 def test_stop_request_ends_the_epoch_at_a_step_boundary():
@@ -149,6 +167,29 @@ def test_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
     (tmp_path / "last.prev.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
         ckpt.load_checkpoint(tmp_path)
+
+
+def test_a_bad_last_pt_is_never_rotated_over_the_good_previous_one(tmp_path):
+    def save(step: int, **kwargs) -> None:
+        ckpt.save_checkpoint({"model": {"w": torch.full((1 << 18,), float(step))}, "epoch": 0, "step": step,
+                              "arch": "alexnet-owt", "num_classes": 4}, tmp_path, **kwargs)
+
+    def steps() -> tuple[int, int]:
+        return tuple(ckpt.read_checkpoint(tmp_path / name)["step"] for name in (ckpt.LAST, ckpt.PREVIOUS))
+
+    save(1), save(2)
+    data = bytearray((tmp_path / "last.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # inside the tensor: torch.load reads it regardless
+    (tmp_path / "last.pt").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="no longer match the sha256"):
+        ckpt.read_checkpoint(tmp_path / "last.pt")
+    save(3, rotate=False)                               # the run knows last.pt is bad: replaced, not kept
+    assert steps() == (3, 1)
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:1000])   # cut short
+    save(4)                                             # found unreadable: not rotated either
+    assert steps() == (4, 1)
+    save(5)
+    assert steps() == (5, 4)
 
 
 def test_failed_save_leaves_the_old_checkpoint_in_place(tmp_path):

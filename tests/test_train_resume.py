@@ -1,15 +1,12 @@
 """Real `alexnet-fast train` processes on the shard_set fixture, killed and resumed.
 
-- SIGKILL mid-epoch, then --resume: the run continues from the last checkpoint and its later losses
-  and final weights equal an uninterrupted run's exactly (fixed seed, CPU, dropout ON: the RNG
-  states in the checkpoint make the dropout masks replay; the DALI loader restores its pipeline
-  checkpoint, so it continues with the batch after the saved step without decoding those before).
+- (SIGKILL mid-epoch and elsewhere, then --resume, equal to an uninterrupted run:
+  tests/reliability/test_resume_is_the_same_run.py.)
 - SIGTERM to a 2-process (self-launched, gloo) run: a checkpoint is written and it exits 0 within
   seconds.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,59 +25,6 @@ SMALL = ["--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--wor
 def _env() -> dict:
     # the same thread count in every run keeps float reductions in the same order
     return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-
-
-def _losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "val_top1" not in r]
-    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
-    return {r["step"]: r["loss"] for r in records if "val_top1" not in r}
-
-
-def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until RUN/last.pt is on disk (renamed into place: only whole files get that name)."""
-    deadline = time.monotonic() + timeout
-    while not (run / "last.pt").exists():
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
-
-
-def test_resume_after_sigkill_replays_the_uninterrupted_run(shard_set, tmp_path):
-    # 8 steps, a checkpoint every 3 (each ~450 MB: fewer writes, a shorter test): checkpoints are
-    # written in the background, so the kill waits for the first one to be on disk, which can take
-    # a few steps
-    flags = ["--data", str(shard_set), *SMALL, "--max-steps", "8", "--ckpt-every", "3"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run([*TRAIN, *flags, "--out", str(straight)], env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-    proc = subprocess.Popen([*TRAIN, *flags, "--out", str(killed)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_checkpoint(killed, proc)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
-    assert saved["step"] in (3, 6) and saved["step_in_epoch"] == saved["step"]
-
-    resumed = subprocess.run([*TRAIN, *flags, "--out", str(killed), "--resume"], env=_env(),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {killed / 'last.pt'}: epoch 0, step {saved['step']}" in resumed.stdout
-    assert f"epoch 1 continues at batch {saved['step'] + 1}: loader state restored" in resumed.stdout
-
-    expected, got = _losses(straight), _losses(killed)
-    assert sorted(got) == list(range(1, 9))   # steps re-run after the kill are logged once
-    assert [got[s] for s in range(saved["step"] + 1, 9)] == [expected[s] for s in range(saved["step"] + 1, 9)]
-    final_a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
-    final_b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
-    assert final_a["step"] == final_b["step"] == 8
-    for key, value in final_a["model"].items():
-        assert torch.equal(value, final_b["model"][key]), key
 
 
 def _start_two_process_run(shard_set: Path, run: Path) -> subprocess.Popen:

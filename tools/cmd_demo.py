@@ -95,12 +95,30 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
     val = evaluate_checkpoint(EvalConfig(data=str(shards_dir), checkpoint=str(run_dir / "best.pt"), batch_size=64,
                                          device=device, loader=loader, workers=cfg.workers, gpus=gpus))
     throughput = _mean_train_throughput(run_dir / "metrics.jsonl")
+    _keep_only_the_best_weights(run_dir)
     chance = 1.0 / size.classes
     click.echo(f"demo: {throughput:.1f} train img/s on {device}; val top-1 {val.top1:.1%} "
                f"(chance {chance:.0%}), top-5 {val.top5:.1%} over {val.images} images; "
                f"training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s; "
                f"curves in {run_dir / 'curves.png'}")
     return {"val": val.as_dict(), "img_per_s": throughput, "outcome": result.get("outcome")}
+
+
+def _keep_only_the_best_weights(run_dir: Path) -> None:
+    """A finished demo is evaluated and never resumed: of its checkpoints only best.pt (the weights,
+    ~228 MB for alexnet-owt) is worth its disk; last.pt and last.prev.pt (~456 MB each, half of it
+    optimizer state) exist to resume a run and go."""
+    from alexnet_fast.model.checkpoint import LAST, PREVIOUS
+
+    freed = 0
+    for name in (LAST, PREVIOUS):
+        path = run_dir / name
+        if path.exists():
+            freed += path.stat().st_size
+            path.unlink()
+    if freed:
+        click.echo(f"      kept {run_dir / 'best.pt'} (weights for eval and export); removed last.pt and "
+                   f"last.prev.pt ({freed / 1e6:.0f} MB of resume state: the demo is finished)")
 
 
 def _demo_gpus(global_batch: int) -> int:

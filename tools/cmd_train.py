@@ -178,6 +178,8 @@ def train_command(config_file: str | None, **flags) -> None:
         raise click.UsageError("--data SHARDS is required (a directory written by `alexnet-fast shards`)")
     shards = open_shards(cfg.data)
     check_out_dir(cfg.out, "--out")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise click.BadParameter(f"{cfg.init_from!r} is not a checkpoint file (e.g. RUN/best.pt)", param_hint="--init-from")
     check_run(cfg, shards, check_devices(cfg))
     train(cfg)
 

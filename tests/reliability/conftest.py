@@ -20,16 +20,27 @@ def tiny_raw(tmp_path_factory) -> RawTree:
     return write_raw_imagenet(tmp_path_factory.mktemp("tiny_raw"), spec)
 
 
+def _small_train_set(tmp_path_factory, name: str, val_per_class: int) -> Path:
+    raw = write_raw_imagenet(tmp_path_factory.mktemp(f"{name}_raw"),
+                             SampleSpec(classes=2, train_per_class=4, val_per_class=val_per_class, min_side=64,
+                                        max_side=96, odd_files=False, val_layout=ValFormat.FOLDERS))
+    out = tmp_path_factory.mktemp(name)
+    make_shards(raw.root, out, ShardOptions(per_shard=4), workers=1, **QUIET)
+    return out
+
+
 @pytest.fixture(scope="session")
 def train_set(tmp_path_factory) -> Path:
     """The smallest shard set a training run can use: 2 classes, 8 train samples in 2 shards
     (2 steps of batch 4 per epoch), 4 val samples. Read-only: copy it before changing it."""
-    raw = write_raw_imagenet(tmp_path_factory.mktemp("train_raw"),
-                             SampleSpec(classes=2, train_per_class=4, val_per_class=2, min_side=64, max_side=96,
-                                        odd_files=False, val_layout=ValFormat.FOLDERS))
-    out = tmp_path_factory.mktemp("train_set")
-    make_shards(raw.root, out, ShardOptions(per_shard=4), workers=1, **QUIET)
-    return out
+    return _small_train_set(tmp_path_factory, "train_set", val_per_class=2)
+
+
+@pytest.fixture(scope="session")
+def train_set_without_val(tmp_path_factory) -> Path:
+    """`train_set`'s 8 train samples and no val split (the plateau schedule then steps on the
+    training loss). Read-only."""
+    return _small_train_set(tmp_path_factory, "noval_set", val_per_class=0)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     python killpoint.py OUT --trace LIST -- SCRIPT ARGS...         # append each finished file to LIST
     python killpoint.py OUT --kill NAME:WHEN[:N] -- SCRIPT ARGS... # kill -9 at that file (its N-th write)
+    python killpoint.py OUT --kill-in MODULE:FUNCTION[:N] -- SCRIPT ARGS...  # kill -9 as FUNCTION's N-th call begins
     KILLPOINT_NOTE=FILE python killpoint.py ...                     # and write the killing thread's name there
 
 Every file the project writes in OUT becomes final through `os.replace(temp, final)` (shards,
@@ -116,10 +117,28 @@ def main(argv: list[str]) -> None:
             return opened
 
         builtins.open = open_
+    elif mode == "--kill-in":
+        import importlib
+
+        module_name, function_name, *nth = arg.split(":")
+        module = importlib.import_module(module_name)
+        real_function, calls = getattr(module, function_name), [0, int(nth[0]) if nth else 1]
+
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == calls[1]:
+                for thread in threading.enumerate():
+                    if thread.name == "checkpoint writer":
+                        thread.join()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_function(*args, **kwargs)
+
+        setattr(module, function_name, wrapped)
     else:
         raise SystemExit(f"killpoint: unknown mode {mode!r}")
 
-    os.replace = replace
+    if mode != "--kill-in":
+        os.replace = replace
     sys.argv = [script, *script_args]
     runpy.run_path(script, run_name="__main__")
 

@@ -53,6 +53,7 @@ CASES = [
     (["train", "--data", "{set}", "--lr", "fast"], "'fast' is not a valid float"),
     (["train", "--data", "{set}", "--loader", "pil"], "'pil' is not one of"),
     (["train", "--data", "{set}", "--out", "{file}"], "is a file, not a directory"),
+    (["train", "--data", "{set}", "--init-from", "/no/such/best.pt"], "is not a checkpoint file"),
     (["train", "--data", "{set}", "--config", "{dir}"], "is a directory"),
     # eval
     (["eval", "--data", "{set}"], "Missing option '--checkpoint'"),

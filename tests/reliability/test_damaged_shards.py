@@ -160,6 +160,25 @@ def test_verify_shards_catches_a_jpeg_that_changed_but_still_decodes(on_corrupt,
     assert [r.get("skipped_samples") for r in epochs] == [1]     # all 8 samples are drawn in the one epoch
 
 
+def test_a_changed_jpeg_is_caught_by_the_background_hash_check_by_default(train_set, tmp_path):
+    """Without --verify-shards the shards are hashed against the manifest behind the first epoch:
+    the result is in the epoch's record, the epoch's checkpoint is written, and (--on-corrupt
+    error, the default) the run stops with one line naming the shard and the sample."""
+    out = tmp_path / "set"
+    shutil.copytree(train_set, out)
+    key = flip_bytes_inside_a_jpeg(out)
+    run_dir = tmp_path / "run"
+    done = run([*TRAIN, "--data", str(out), "--out", str(run_dir)], timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("alexnet-fast: error: ") and "--on-corrupt skip" in error and "--resume" in error
+    assert f"shard {out / SHARD}: sample(s) {key} changed since make_shards wrote them" in error
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_top1" in line]
+    assert epochs[-1]["shard_check"] | {"seconds": 0} == {"shards": 3, "differ": 1, "changed_samples": 1, "seconds": 0}
+    assert (run_dir / "last.pt").is_file()
+
+
 def test_a_corrupt_sample_on_one_of_two_ranks_ends_the_run_at_once_naming_it(damaged_train_set, tmp_path):
     """Only the rank whose range holds the sample fails; the other is waiting in the gradient
     all-reduce. The failed rank exits at once so the launcher stops the group (no collective

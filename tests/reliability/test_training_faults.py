@@ -5,9 +5,9 @@ with equal losses, and SIGTERM to a 2-process run, are tests/test_train_resume.p
 One short real run is shared: `alexnet-fast train --on-corrupt skip` over a shard set with one
 undecodable JPEG, 3 steps of batch 4 (2 steps per epoch), a checkpoint every 2 steps and at each
 epoch end. Its run directory ends with last.pt (step 3) and last.prev.pt (the end of epoch 0).
-Tests that change the run directory work on a hard-linked copy: checkpoints are only ever
-replaced by rename, never rewritten in place, so the copy costs no disk and the shared run
-stays intact.
+Tests that change the run directory work on a copy whose checkpoints are hard links: checkpoints
+are only ever replaced by rename, never rewritten in place, so the copy costs no disk and the
+shared run stays intact (its small files, rewritten in place, are copied).
 """
 from __future__ import annotations
 
@@ -42,7 +42,13 @@ def _identity(path: Path) -> tuple[int, int, int]:
 
 
 def _linked_copy(run_dir: Path, dst: Path) -> Path:
-    shutil.copytree(run_dir, dst, copy_function=os.link)
+    """The checkpoints hard-linked (only ever replaced by rename), every other file copied:
+    metrics.jsonl and config.json are rewritten in place by a resumed run, which through a link
+    would change the shared run's own (a later test then compared against another run's steps)."""
+    def link_checkpoints(src: str, target: str) -> None:
+        (os.link if src.endswith(".pt") else shutil.copy2)(src, target)
+
+    shutil.copytree(run_dir, dst, copy_function=link_checkpoints)
     return dst
 
 
@@ -99,20 +105,40 @@ def test_a_failed_checkpoint_write_ends_a_two_process_run_naming_rank_0(train_se
     assert not [p.name for p in run_dir.iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
 
 
-def test_checkpoint_cut_short_is_detected_and_the_previous_one_used(skip_run, tmp_path):
+def _cut_short(path: Path) -> None:
+    whole = path.read_bytes()
+    path.unlink()                                   # a new file: the shared run keeps its own
+    path.write_bytes(whole[: len(whole) // 3])
+
+
+def _bytes_changed(path: Path) -> None:
+    """16 bytes inverted a quarter into the file, inside fc6's weight (the model's tensors come first,
+    fc6's 151 MB of them most): torch.load still reads it."""
+    data = bytearray(path.read_bytes())
+    for i in range(16):
+        data[len(data) // 4 + i] ^= 0xFF
+    path.unlink()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _bytes_changed], ids=["cut-short", "bytes-changed"])
+def test_damaged_last_pt_is_detected_the_previous_one_used_and_kept(damage, skip_run, tmp_path):
+    """last.pt cut short, or with bytes changed inside a tensor (caught by the sha256 the file
+    carries: torch.load alone reads it without complaint): one warning, the run resumes from
+    last.prev.pt and replays exactly, and its next save replaces the bad last.pt instead of rotating
+    it into last.prev.pt over the good one."""
     data, run_dir, _ = skip_run
     copy = _linked_copy(run_dir, tmp_path / "run")
     previous = torch.load(copy / "last.prev.pt", map_location="cpu", weights_only=False)
-    whole = (copy / "last.pt").read_bytes()
-    (copy / "last.pt").unlink()                          # a new file: the shared run keeps its own
-    (copy / "last.pt").write_bytes(whole[: len(whole) // 3])
+    good_previous = _identity(copy / "last.prev.pt")
+    damage(copy / "last.pt")
     expected = _step_losses(run_dir)
 
-    resumed = run([*TRAIN, "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume"], timeout=300)
+    resumed = run([*TRAIN, "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume"], timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warnings = [line for line in resumed.stderr.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "last.pt" in warnings[0] and "damaged or truncated" in warnings[0]
-    assert "previous good checkpoint" in warnings[0]
+    assert len(warnings) == 1 and "last.pt" in warnings[0] and "previous good checkpoint" in warnings[0]
+    assert ("damaged or truncated" if damage is _cut_short else "no longer match the sha256") in warnings[0]
     assert (f"resumed from {copy / 'last.prev.pt'}: epoch {previous['epoch']}, step {previous['step']}"
             in resumed.stdout)
     got = _step_losses(copy)
@@ -121,6 +147,47 @@ def test_checkpoint_cut_short_is_detected_and_the_previous_one_used(skip_run, tm
     later = [s for s in got if s > previous["step"]]
     assert later and [got[s] for s in later] == [expected[s] for s in later]
     assert torch.load(copy / "last.pt", map_location="cpu", weights_only=False)["step"] == 3
+    # the one save of the resumed run (step 3) replaced the bad file: the good fallback is untouched
+    assert _identity(copy / "last.prev.pt") == good_previous
+
+
+def test_best_pt_is_a_weights_only_file_of_its_own(skip_run):
+    """best.pt shares no inode with last.pt or last.prev.pt (damage to one is not damage to
+    another), holds the weights and what eval needs, no optimizer state, and passes its own check."""
+    from alexnet_fast.model.checkpoint import read_checkpoint
+
+    _, run_dir, _ = skip_run
+    best = run_dir / "best.pt"
+    assert best.stat().st_ino not in {(run_dir / name).stat().st_ino for name in ("last.pt", "last.prev.pt")}
+    weights = read_checkpoint(best)             # checks the sha256 it carries
+    assert weights["kind"] == "weights" and "optimizer" not in weights and "rng" not in weights
+    assert {"model", "arch", "num_classes", "classes", "config", "best_top1"} <= set(weights)
+    assert best.stat().st_size < 0.55 * (run_dir / "last.pt").stat().st_size     # no momentum buffers
+
+
+def test_every_last_pt_damaged_names_best_pt_and_init_from_starts_from_it(skip_run, tmp_path):
+    data, run_dir, _ = skip_run
+    copy = _linked_copy(run_dir, tmp_path / "run")
+    for name in ("last.pt", "last.prev.pt"):
+        _cut_short(copy / name)
+    refused = run([*TRAIN, "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume"], timeout=900)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    error = refused.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in refused.stderr and error.startswith("alexnet-fast: error: no usable checkpoint")
+    assert f"{copy / 'best.pt'} is intact" in error and f"--init-from {copy / 'best.pt'} instead of --resume" in error
+
+    # --lr 1e-30: each update is far below a weight's float32 resolution, so the run's one step leaves
+    # them as they were and its last.pt holds best.pt's weights: they were loaded
+    fresh = tmp_path / "fresh"
+    started = run([*TRAIN, "--data", str(data), "--out", str(fresh), "--max-steps", "1", "--lr", "1e-30",
+                   "--init-from", str(copy / "best.pt")], timeout=900)
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert f"weights from {copy / 'best.pt'}; optimizer, lr schedule and step count start afresh" in started.stdout
+    best = torch.load(copy / "best.pt", map_location="cpu", weights_only=False)["model"]
+    final = torch.load(fresh / "last.pt", map_location="cpu", weights_only=False)
+    assert final["step"] == 1
+    # (a weight that was exactly 0 may now be ~1e-32: still nothing like a fresh init's values)
+    assert all(torch.allclose(value, final["model"][name], rtol=1e-6, atol=1e-20) for name, value in best.items())
 
 
 def test_sigkill_between_the_checkpoint_renames_then_resume_matches(skip_run, tmp_path):
