@@ -94,8 +94,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     stop = StopFlag()
     stop.install()
     # Agreeing on a stop is a collective; on a GPU it is posted every few steps and read a check
-    # later, so it never makes the host wait (model/loop.py StopAgreement).
-    agreement = StopAgreement(ctx.device, STOP_CHECK_EVERY_GPU if ctx.device.type == "cuda" else 1)
+    # later, so it never makes the host wait (model/loop.py StopAgreement). One process checks
+    # every step, and every run at each epoch's end.
+    agreement = StopAgreement(ctx.device, stop_check_interval(cfg, ctx))
     hooks = LoopHooks(checkpoint=lambda: checkpoints.save(state), stop_requested=lambda: stop.requested,
                       stop_agreement=agreement)
     result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
@@ -111,14 +112,13 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             boundary.begin(epoch_result.last_step_at)
             if epoch_result.outcome is Outcome.STOPPED:
                 checkpoints.save(state)
-                checkpoints.finish()
-                name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
-                say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {run_dir / ckpt.LAST}"
-                         f" (continue with --resume)")
-                result["outcome"] = Outcome.STOPPED.value
+                stopped(ctx, stop, state, checkpoints, result)
                 break
             finished = epoch_result.outcome is Outcome.MAX_STEPS or state.epoch >= cfg.epochs
-            if not finished:        # the next epoch's pipeline builds while this boundary's work runs
+            # a stop agreed at the epoch's end: this boundary's work (record, eval if due,
+            # checkpoint) is done as usual, then the run stops; a resume starts the next epoch
+            stopping = epoch_result.stop_after and not finished
+            if not finished and not stopping:   # the next epoch's pipeline builds while this boundary's work runs
                 with boundary.part("pipeline"):
                     train_loader.prepare(state.epoch)
             with boundary.part("eval"):
@@ -136,6 +136,9 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             if curves is not None:
                 with boundary.part("plot"):
                     curves.request()         # drawn on a thread of its own: never blocks a step
+            if stopping:
+                stopped(ctx, stop, state, checkpoints, result)
+                break
             if epoch_result.outcome is Outcome.MAX_STEPS:
                 result["outcome"] = Outcome.MAX_STEPS.value
                 break
@@ -165,6 +168,24 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
         raise TrainingError(f"--batch-size {global_batch} is the global batch and must divide "
                             f"evenly over {world_size} ranks")
     return global_batch // world_size
+
+
+def stop_check_interval(cfg: TrainConfig, ctx: D.DistContext) -> int:
+    """Steps between two stop checks of a multi-rank run: --stop-check-every, else
+    STOP_CHECK_EVERY_GPU on GPUs (each check posts one tiny all-reduce) and every step on the CPU.
+    A single process checks every step whatever this says (model/loop.py StopAgreement.due)."""
+    if cfg.stop_check_every:
+        return cfg.stop_check_every
+    return STOP_CHECK_EVERY_GPU if ctx.device.type == "cuda" else 1
+
+
+def stopped(ctx: D.DistContext, stop: StopFlag, state: TrainState, checkpoints: "Checkpointer", result: dict) -> None:
+    """The end of a run stopped by a signal, its checkpoint saved: wait for it to be on disk, say so."""
+    checkpoints.finish()
+    name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
+    say(ctx, f"stopped by {name} at step {state.step}: checkpoint written to {checkpoints.run_dir / ckpt.LAST}"
+             f" (continue with --resume)")
+    result["outcome"] = Outcome.STOPPED.value
 
 
 def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_batch: int, precision: str):
