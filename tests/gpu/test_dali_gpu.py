@@ -244,3 +244,18 @@ def test_sigterm_mid_epoch_then_resume_on_the_gpu_pipeline(gpu_shards, tmp_path)
     a, b = losses(straight), losses(stopped)
     assert sorted(a) == sorted(b) and all(np.isfinite(list(b.values())))
     assert max(abs(a[s] - b[s]) for s in a) < 0.05
+
+
+def test_borrowed_batches_are_dalis_buffers_and_stay_valid_while_held(gpu_shards):
+    """The trainer's hand-off (borrow_buffers): DALI's output buffer through DLPack, no
+    device-to-device copy into torch's memory, and not reused by DALI while a tensor holds it."""
+    layout = dict(device="cuda", dtype=torch.float16, channels_last=True)
+    copies = [x for x, *_ in _loader(gpu_shards, **layout)]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    held = [x for x, *_ in _loader(gpu_shards, borrow_buffers=True, **layout)]   # all held to the end
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert grown < held[0].nelement() * held[0].element_size(), \
+        f"torch allocated {grown} bytes for {len(held)} borrowed batches: they were copied"
+    assert len(held) == len(copies) > 2 and all(torch.equal(a, b) for a, b in zip(held, copies))
