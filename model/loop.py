@@ -30,6 +30,9 @@ from alexnet_fast.model.runtime import autocast, memory_format
 
 # Steps between two stop checks of a multi-rank run on a GPU: each check posts one tiny all-reduce.
 STOP_CHECK_EVERY_GPU = 10
+# LoopHooks.settled is called after this many steps of an epoch (past the first step's one-off work:
+# torch.compile, cuDNN autotuning, the optimizer's lazily made state)
+SETTLED_AFTER = 2
 
 
 class Outcome(str, Enum):
@@ -186,7 +189,10 @@ class LoopHooks:
     checkpoint: Callable[[], None] = lambda: None
     stop_requested: Callable[[], bool] = lambda: False
     progress: Any = None             # a tqdm bar (rank 0) or None
-    stop_agreement: StopAgreement | None = None   # None: agree at every step (a blocking check on a GPU)
+    stop_agreement: StopAgreement | None = None   # None: a fresh one, checking at every step
+    # called once per call of train_one_epoch, after its SETTLED_AFTER-th step: background work that
+    # needs the run's steady state (the optimizer's momentum exists) and should overlap training
+    settled: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -224,7 +230,8 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
     first_step_at = last_step_at = 0.0
     outcome = Outcome.COMPLETED
 
-    for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
+    state_start = state.step_in_epoch
+    for index, (images, labels) in enumerate(batches, start=state_start):
         if not first_step_at:
             first_step_at = time.perf_counter()
         loss = train_step(engine, images, labels)
@@ -239,6 +246,8 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         images_seen += labels.shape[0]
         if hooks.progress is not None:
             hooks.progress.update(1)
+        if index - state_start == SETTLED_AFTER - 1:
+            hooks.settled()
 
         at_end = bool(max_steps) and state.step >= max_steps
         if state.step % log_every == 0 or at_end:

@@ -98,7 +98,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     # every step, and every run at each epoch's end.
     agreement = StopAgreement(ctx.device, stop_check_interval(cfg, ctx))
     hooks = LoopHooks(checkpoint=lambda: checkpoints.save(state), stop_requested=lambda: stop.requested,
-                      stop_agreement=agreement)
+                      stop_agreement=agreement, settled=checkpoints.prepare)
     result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
     boundary = EpochBoundary()      # the stall between two epochs, by part (model/boundary.py)
     curves = Redrawer(lambda: write_curves([run_dir], run_dir / "curves.png"), "curves") if ctx.is_main else None
@@ -334,6 +334,23 @@ class Checkpointer:
         self._written_s: list[float] = []        # durations of the background writes finished so far
         self._waited_s: list[float] = []         # how long saves waited for the write before them
         self._snapshot: dict | None = None      # the last host copy: its memory is reused by the next one
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Allocate the host copy's memory now, on the writer's thread, while the first epoch trains:
+        made at the first save instead, pinned on a GPU, it stalled the first epoch boundary (~0.3 s
+        there vs ~0.03 s at the later ones, measured on held-back photos). The model's and the
+        optimizer's tensors are the bulk; the rest is small and made at the first save. Called
+        after a few steps (LoopHooks.settled), when the optimizer's momentum exists."""
+        if not self.ctx.is_main or self._prepared or self._snapshot is not None:
+            return
+        self._prepared = True
+        shapes = {"model": self.objects.model.state_dict(), "optimizer": self.objects.optimizer.state_dict()}
+
+        def allocate() -> None:
+            if self._snapshot is None:          # a save may have come first (--ckpt-every 1)
+                self._snapshot = ckpt.host_buffers(shapes)
+        self.writer.submit(allocate)
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
         rng = D.all_gather_objects(ckpt.rng_state())
@@ -346,6 +363,12 @@ class Checkpointer:
                                                  reuse=self._snapshot)
         step = state.step
         self.writer.submit(lambda: self._write(snapshot, step, is_best))
+
+    @property
+    def host_copy(self) -> dict | None:
+        """The host memory the next save copies into (None before `prepare` or the first save)."""
+        self.writer.wait()
+        return self._snapshot
 
     def finish(self) -> None:
         """Wait for the write in flight: on return the last checkpoint is on disk (or its error raised)."""
