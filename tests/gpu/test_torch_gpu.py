@@ -27,12 +27,13 @@ BATCH = 64
 STEPS = 6
 
 
-def _batches(data, device: str = "cuda", steps: int = STEPS, dtype=torch.float32, channels_last=False):
-    """The first `steps` train batches of the baseline loader, already on `device`."""
+def _batches(data, device: str = "cuda", steps: int = STEPS, dtype=torch.float32, channels_last=False,
+             device_id: int = 0):
+    """The first `steps` train batches of the baseline loader, already on `device` (GPU `device_id`)."""
     from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
 
-    spec = LoaderSpec(data=str(data), kind="baseline", batch_size=BATCH, device=device, workers=4, dtype=dtype,
-                      channels_last=channels_last)
+    spec = LoaderSpec(data=str(data), kind="baseline", batch_size=BATCH, device=device, device_id=device_id,
+                      workers=4, dtype=dtype, channels_last=channels_last)
     out = []
     for x, y in make_loader(spec):
         out.append((x, y))
@@ -122,13 +123,16 @@ def _ddp_rank(rank: int, world: int, data: str, port: int, results) -> None:
                             local_world_size=world)
         engine = _engine("bf16", channels_last=True)
         engine.model = D.wrap_ddp(engine.model, ctx, "bf16")
-        batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in _batches(data, dtype=torch.bfloat16,
-                                                                             channels_last=True)]
+        # each rank's loader on its own GPU (not the default device 0), and nothing moved after it
+        batches = _batches(data, dtype=torch.bfloat16, channels_last=True, device_id=rank)
         agreement = StopAgreement(ctx.device, every=2)
         result = train_one_epoch(engine, _no_sync_between_log_points(batches, warmup=2), TrainState(),
                                  world_size=world, log_every=1000, hooks=LoopHooks(stop_agreement=agreement))
         agreement.drain()
-        results[rank] = result.mean_loss
+        weights = torch.cat([p.detach().float().flatten().cpu() for p in engine.model.parameters()])
+        results[rank] = {"loss": result.mean_loss, "batch_devices": sorted({str(x.device) for x, _ in batches}),
+                         "weight_devices": sorted({str(p.device) for p in engine.model.parameters()}),
+                         "weights": weights.numpy().tobytes()}
     finally:
         torch.cuda.set_sync_debug_mode("default")
         dist.destroy_process_group()
@@ -148,7 +152,13 @@ def test_no_host_sync_inside_ddp_train_steps(gpu_shards):
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_ddp_rank, args=(2, str(gpu_shards), port, results), nprocs=2, join=True)
-    assert len(results) == 2 and all(torch.isfinite(torch.tensor(v)) for v in results.values())
+    results = dict(results)
+    assert sorted(results) == [0, 1]
+    for rank, seen in results.items():
+        assert seen["batch_devices"] == seen["weight_devices"] == [f"cuda:{rank}"], (rank, seen)
+    # the loss is all-reduced before it is logged, and DDP averages the gradients: the same on both
+    assert results[0]["loss"] == results[1]["loss"] and torch.isfinite(torch.tensor(results[0]["loss"]))
+    assert results[0]["weights"] == results[1]["weights"], "DDP left the two ranks with different weights"
 
 
 CLI = [sys.executable, "-m", "alexnet_fast.tools.cli"]
