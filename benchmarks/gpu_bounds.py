@@ -75,20 +75,24 @@ def chroma(data: Path) -> dict:
             f"mean_levels_worst_batch_of_{BATCH}": float(max(batches))}
 
 
-def flips(data: Path, run: Path) -> dict:
-    """Train as test_torch_gpu.py's eval test does, on the CPU; fp32 vs bf16 top-1 on every val image."""
-    import torch
-
-    from alexnet_fast.model import checkpoint as ckpt
-    from alexnet_fast.model.runtime import autocast, place_network
-    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
-
+def train(data: Path, run: Path) -> None:
+    """Train as test_torch_gpu.py's eval test does, on the CPU."""
     command = [sys.executable, "-m", "alexnet_fast.tools.cli", "train", "--data", str(data), "--out", str(run),
                "--device", "cpu", "--loader", "baseline", "--arch", "alexnet-owt", "--batch-size", "64",
                "--epochs", "2", "--lr", "0.01", "--log-every", "4"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise click.ClickException(f"training failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def flips(data: Path, run: Path) -> dict:
+    """fp32 vs bf16-autocast top-1 of the run's network on every val image."""
+    import torch
+
+    from alexnet_fast.model import checkpoint as ckpt
+    from alexnet_fast.model.runtime import autocast, place_network
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+
     saved, _ = ckpt.load_checkpoint(run)
     model = place_network("alexnet-owt", saved["num_classes"], torch.device("cpu"), channels_last=False, dropout=0.0)
     model.load_state_dict(saved["model"])
@@ -105,7 +109,7 @@ def flips(data: Path, run: Path) -> dict:
     margin = top2.values[:, 0] - top2.values[:, 1]
     # how far bf16 moved each image's fp32 top-1/top-2 margin
     moved = ((bf16.gather(1, top2.indices[:, :1]) - bf16.gather(1, top2.indices[:, 1:])).squeeze(1) - margin).abs()
-    return {"val_images": len(fp32), "top1_flips": int((fp32.argmax(1) != bf16.argmax(1)).sum()),
+    return {"network": f"step {saved['step']}, epoch {saved['epoch']}", "val_images": len(fp32), "top1_flips": int((fp32.argmax(1) != bf16.argmax(1)).sum()),
             "largest_margin_move": float(moved.max()),
             "images_within_2x_largest_move": int((margin <= 2 * moved.max()).sum()),
             "smallest_margins": sorted(margin.tolist())[:5]}
@@ -113,11 +117,16 @@ def flips(data: Path, run: Path) -> dict:
 
 @click.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="score this run's network instead of training one (a run on the same --data)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(data: Path | None, json_path: Path | None) -> None:
+def main(data: Path | None, run: Path | None, json_path: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-bounds-") as tmp:
         data = data or gpu_test_shards(Path(tmp))
-        report = {"chroma": chroma(data), "flips": flips(data, Path(tmp) / "run"), "load_average": os.getloadavg()}
+        if run is None:
+            run = Path(tmp) / "run"
+            train(data, run)
+        report = {"chroma": chroma(data), "flips": flips(data, run), "load_average": os.getloadavg()}
     click.echo(json.dumps(report, indent=2))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
