@@ -131,6 +131,9 @@ class TrainConfig:
     # --- logging and checkpoints
     log_every: int = _f(50, "log (and sync the host) every this many steps")
     ckpt_every: int = _f(0, "also checkpoint every this many steps inside an epoch (0 = epoch ends only)")
+    stop_check_every: int = _f(0, "a multi-rank run checks for SIGTERM/SIGINT every this many steps (one tiny "
+                                  "all-reduce, read a check later) and at every epoch's end; 0 = 10 on GPUs, 1 on "
+                                  "CPU; one process checks every step")
     eval_every: int = _f(1, "evaluate every this many epochs (and always the final one); recipes keep evaluation "
                             "<= 5% of the training FLOPs at ImageNet scale (paper, 10 crops: 3)")
     resume: bool = _f(False, "continue from OUT/last.pt (the previous good one if it is damaged)")
@@ -156,7 +159,7 @@ class TrainConfig:
         positive = ["epochs", "batch_size", "log_every", "eval_every", "nproc", "step_epochs"]
         non_negative = ["max_steps", "num_classes", "ckpt_every", "gpus", "warmup_epochs", "workers",
                         "plateau_patience", "max_lr_drops", "weight_decay", "momentum", "lighting_std",
-                        "step_iters"]
+                        "step_iters", "stop_check_every"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")

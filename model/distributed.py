@@ -252,7 +252,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, grad_compression: str = "none")
 
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of being copied
     # into them each step (saves ~240 MB and a copy for AlexNet's 61M parameters).
-    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+    ddp = DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
               gradient_as_bucket_view=True)
     if grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -30,6 +30,9 @@ from alexnet_fast.model.runtime import autocast, memory_format
 
 # Steps between two stop checks of a multi-rank run on a GPU: each check posts one tiny all-reduce.
 STOP_CHECK_EVERY_GPU = 10
+# LoopHooks.settled is called after this many steps of an epoch (past the first step's one-off work:
+# torch.compile, cuDNN autotuning, the optimizer's lazily made state)
+SETTLED_AFTER = 2
 
 
 class Outcome(str, Enum):
@@ -128,45 +131,69 @@ class StopFlag:
 class StopAgreement:
     """All ranks agree to stop at the same step, without making the host wait for the device.
 
-    One process: the local request is the answer. Several: `check(requested)` posts this rank's
-    request in an asynchronous MAX all-reduce and answers with the result of the one posted at the
-    previous check. Every rank posts and reads at the same steps, so all of them stop at the same
-    step, one check after the first request. On a GPU the result is copied to pinned host memory
-    behind an event recorded when it was posted; by the next check (`every` steps later) that event
-    has long completed, so reading it does not wait for the steps queued since (a plain `.item()`
-    would drain the whole stream)."""
+    One process: the local request is the answer, at every step (no collective, nothing to wait
+    for). Several: every `every` steps (`due`), `check(requested)` posts this rank's request in an
+    asynchronous MAX all-reduce and answers with the result of the one posted at the previous
+    check. Every rank posts and reads at the same steps, so all of them stop at the same step, one
+    check after the first request. On a GPU the result is copied to pinned host memory behind an
+    event recorded when it was posted; by the next check (`every` steps later) that event has long
+    completed, so reading it does not wait for the steps queued since (a plain `.item()` would
+    drain the whole stream). At an epoch's end `settle` agrees at once (the host waits there
+    anyway), so an epoch shorter than `every` steps still sees a stop requested during it.
+
+    The flag posted is one device tensor made once and filled in place (a kernel taking the value
+    as an argument): `torch.tensor([...], device="cuda")` at each check would be a blocking
+    host-to-device copy. The pinned host copy and the event are made once too. Reusing them is safe:
+    each check first finishes the previous reduction (`_read_pending`) before it refills them."""
 
     def __init__(self, device: torch.device, every: int = 1) -> None:
         self.device, self.every = device, every
-        self._pending: tuple[Any, torch.Tensor, Any] | None = None    # (work, host flag, cuda event)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)    # posted at every check
+        on_gpu = device.type == "cuda"
+        self._host = torch.zeros(1, dtype=torch.int32, pin_memory=True) if on_gpu else None
+        self._event = torch.cuda.Event() if on_gpu else None
+        self._pending: Any = None       # the posted reduction: its Work (CPU) or True (GPU: the event)
+
+    def due(self, step: int) -> bool:
+        """Is a stop check due after optimizer step `step`?"""
+        return not D.dist.is_initialized() or step % self.every == 0
 
     def check(self, requested: bool) -> bool:
         if not D.dist.is_initialized():
             return requested
         agreed = self._read_pending()
-        flag = torch.tensor([1 if requested else 0], dtype=torch.int32, device=self.device)
-        work = D.dist.all_reduce(flag, op=D.dist.ReduceOp.MAX, async_op=True)
-        if self.device.type == "cuda":
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            work.wait()                       # orders the copy after the reduction on the stream (no host wait)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (None, host, event)
-        else:
-            self._pending = (work, flag, None)
+        self._post(requested)
         return agreed
+
+    def settle(self, requested: bool) -> bool:
+        """Agree now, waiting for the answer: at the end of an epoch, where the host reads the
+        epoch's loss anyway. Includes the answer to a check posted earlier."""
+        if not D.dist.is_initialized():
+            return requested
+        earlier = self._read_pending()
+        self._post(requested)
+        return self._read_pending() or earlier
+
+    def _post(self, requested: bool) -> None:
+        self.flag.fill_(1 if requested else 0)
+        work = D.dist.all_reduce(self.flag, op=D.dist.ReduceOp.MAX, async_op=True)
+        if self._event is not None:
+            work.wait()                       # orders the copy after the reduction on the stream (no host wait)
+            self._host.copy_(self.flag, non_blocking=True)
+            self._event.record()
+            self._pending = True
+        else:
+            self._pending = work
 
     def _read_pending(self) -> bool:
         if self._pending is None:
             return False
-        work, host, event = self._pending
-        self._pending = None
-        if work is not None:
-            work.wait()
-        if event is not None:
-            event.synchronize()
-        return bool(host.item())
+        pending, self._pending = self._pending, None
+        if self._event is not None:
+            self._event.synchronize()
+            return bool(self._host.item())
+        pending.wait()
+        return bool(self.flag.item())
 
     def drain(self) -> None:
         """Finish a posted reduction (before the process group goes away)."""
@@ -180,7 +207,10 @@ class LoopHooks:
     checkpoint: Callable[[], None] = lambda: None
     stop_requested: Callable[[], bool] = lambda: False
     progress: Any = None             # a tqdm bar (rank 0) or None
-    stop_agreement: StopAgreement | None = None   # None: agree at every step (a blocking check on a GPU)
+    stop_agreement: StopAgreement | None = None   # None: a fresh one, checking at every step
+    # called once per call of train_one_epoch, after its SETTLED_AFTER-th step: background work that
+    # needs the run's steady state (the optimizer's momentum exists) and should overlap training
+    settled: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -194,6 +224,8 @@ class EpochResult:
     first_batch_s: float = 0.0       # from the call to the first batch in hand (the pipeline's start-up)
     first_step_at: float = 0.0       # when the first step began
     last_step_at: float = 0.0        # when the last step returned
+    # COMPLETED, and a stop was agreed at the epoch's end: the run stops after this epoch's boundary
+    stop_after: bool = False
 
 
 def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -226,7 +258,8 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         tally.window_seconds = time.perf_counter() - window_start
         tally.seconds = seconds_before + time.perf_counter() - call_start
 
-    for index, (images, labels) in enumerate(batches, start=state.step_in_epoch):
+    state_start = state.step_in_epoch
+    for index, (images, labels) in enumerate(batches, start=state_start):
         if not first_step_at:
             first_step_at = time.perf_counter()
         loss = train_step(engine, images, labels)
@@ -241,6 +274,8 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         tally.images += labels.shape[0]
         if hooks.progress is not None:
             hooks.progress.update(1)
+        if index - state_start == SETTLED_AFTER - 1:
+            hooks.settled()
 
         at_end = bool(max_steps) and state.step >= max_steps
         if state.step % log_every == 0 or at_end:
@@ -263,7 +298,7 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
         if at_end:
             outcome = Outcome.MAX_STEPS
             break
-        if state.step % stop.every == 0 and stop.check(hooks.stop_requested()):
+        if stop.due(state.step) and stop.check(hooks.stop_requested()):
             outcome = Outcome.STOPPED
             break
 
@@ -274,14 +309,18 @@ def train_one_epoch(engine: Engine, batches: Iterable[tuple[torch.Tensor, torch.
     mean_loss = (tally.loss_sum + tail) / max(tally.steps + window_steps, 1)
     seconds = seconds_before + time.perf_counter() - call_start
     images = tally.images
+    stop_after = False
     if outcome is Outcome.COMPLETED:
         state.epoch += 1
         state.step_in_epoch = 0
         state.tally = EpochTally()
+        # always checked at the epoch's end: a multi-rank run checks every `stop.every` steps,
+        # and an epoch shorter than that would otherwise never see a request
+        stop_after = stop.settle(hooks.stop_requested())
     else:
         park_window()
     return EpochResult(outcome, mean_loss, images, seconds, logged, first_batch_s=max(0.0, first_step_at - call_start),
-                       first_step_at=first_step_at, last_step_at=last_step_at)
+                       first_step_at=first_step_at, last_step_at=last_step_at, stop_after=stop_after)
 
 
 def raise_if_loss_was_bad(first_bad_step: torch.Tensor) -> None:

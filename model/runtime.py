@@ -100,13 +100,14 @@ def loader_spec(split: str, *, data: str, kind: str, batch_size: int, ctx: "Dist
 
     `batch_size` is this rank's batch; `workers` 0 takes `loader_workers`' default; `decode`: where a
     GPU run decodes (LoaderSpec.decode). Images come in the network's dtype and layout (`image_dtype`,
-    `channels_last`) on this rank's device; `borrow_buffers`: each consumer (a train step, an eval
+    `channels_last`) on this rank's device (its index, not the local rank: the two differ when
+    ranks share a GPU, as in tests/gpu/test_two_ranks_gpu.py); `borrow_buffers`: each consumer (a train step, an eval
     batch, a profiled step) is done with a batch before it asks for the next."""
     from alexnet_fast.pipeline.loader_spec import LoaderSpec
 
     return LoaderSpec(
         data=data, split=split, kind=kind, batch_size=batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        device=ctx.device.type, device_id=ctx.local_rank, seed=seed, workers=loader_workers(workers, ctx, decode),
+        device=ctx.device.type, device_id=ctx.device.index or 0, seed=seed, workers=loader_workers(workers, ctx, decode),
         dtype=image_dtype(ctx.device.type, precision), channels_last=channels_last, ten_crop=ten_crop,
         lighting_std=lighting_std, scale_by_std=scale_by_std,
         on_corrupt=on_corrupt, borrow_buffers=True, decode=decode,

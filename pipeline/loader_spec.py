@@ -50,12 +50,13 @@ class LoaderSpec:
     on_corrupt: OnCorrupt = "error"
     shuffle_buffer: int = 4096                  # train: per-rank shuffle buffer (samples)
     prefetch: int = 2                           # DALI prefetch queue depth / DataLoader prefetch_factor
-    # DALI on the CPU: hand out each image batch as a view of DALI's own output buffer instead of
-    # a copy. The view is valid only until the next batch is requested (DALI recycles the buffer),
-    # which is how the trainer, evaluator and profiler consume batches; code that keeps batches
-    # (tests, list(loader)) must leave this off. Saves a ~40 MB copy per batch of 64 (measured: ~9
-    # of ~37 ms per batch on 2 cores). The GPU path always copies device to device; the baseline
-    # loader ignores it.
+    # DALI: hand out each image batch as DALI's own output buffer (shared through DLPack, on the
+    # CPU and on a GPU) instead of a copy. DALI's dynamic executor does not reuse a buffer while a
+    # tensor refers to it (dali_loader._dali_to_torch), so the batch stays valid as long as it is
+    # held; the trainer, evaluator and profiler, which drop each batch before the next, borrow;
+    # code that keeps many (tests, list(loader)) leaves it off and gets copies, so as not to hold
+    # DALI's memory pool. Saves a ~40 MB copy per batch of 64 on the CPU (measured: ~9 of ~37 ms
+    # per batch on 2 cores) and a device-to-device copy on a GPU; the baseline loader ignores it.
     borrow_buffers: bool = False
     # DALI: decode only the crop window (train's random crop, val's centre crop; ten-crop decodes the
     # whole image) -- the same pixels as the full decode. None: the device's default, ROI_DECODE_DEFAULT.

@@ -141,6 +141,29 @@ def test_layouts_and_dtypes(shard_set):
             assert (x.float() - ref).abs().max() <= 0.02 * ref.abs().max()   # half-precision rounding only
 
 
+def test_a_batch_with_rows_left_out_keeps_its_layout(shard_set):
+    """Rows of left-out samples are dropped from the batch (index_select); the rest stay
+    channels-last and bit-identical to the same rows of the full batch."""
+    layout = dict(split="val", batch_size=6, workers=1, channels_last=True, dtype=torch.bfloat16)
+    full, _, names, _ = next(iter(_dali(shard_set, **layout)))
+    loader = _dali(shard_set, **layout)
+    loader.exclude([names[1]])
+    x, _, kept, _ = next(iter(loader))
+    assert kept == [names[0], *names[2:]] and loader.skipped == [names[1]]
+    assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, full[[0, 2, 3, 4, 5]])
+
+
+def test_borrowed_batches_stay_valid_while_held(shard_set):
+    """A borrowed batch is DALI's own output buffer (DLPack, no copy): DALI's dynamic executor must
+    not reuse it while it is held, even across later batches and the prefetch queue's turns."""
+    layout = dict(split="train", batch_size=8, workers=1, channels_last=True, dtype=torch.float16)
+    held = [x for x, *_ in _dali(shard_set, borrow_buffers=True, **layout)]
+    copies = [x for x, *_ in _dali(shard_set, **layout)]
+    assert len(held) == len(copies) > 2 and len({x.data_ptr() for x in held}) == len(held)
+    assert all(torch.equal(a, b) for a, b in zip(held, copies))
+
+
 def test_every_sample_exactly_once_across_two_ranks(shard_set, samples):
     shards = ShardSet.open(shard_set)
     for split, batch in (("val", 3), ("train", 5)):

@@ -217,3 +217,33 @@ def test_saved_config_is_json(tmp_path):
     path = save_config(resolve_config("fast"), tmp_path, {"world_size": 2})
     saved = json.loads(path.read_text())
     assert saved["recipe"] == "fast" and saved["world_size"] == 2 and saved["batch_size"] == 1024
+
+
+def test_the_first_checkpoint_copies_into_host_memory_made_while_the_epoch_trained(shard_set, tmp_path):
+    """Checkpointer.prepare (LoopHooks.settled, after the epoch's 2nd step) makes the host copy's
+    buffers on the writer's thread; the first save then copies into them (no allocation on the
+    epoch boundary) and writes the trained weights."""
+    from alexnet_fast.model import distributed as D
+    from alexnet_fast.model.train import Checkpointer
+    from alexnet_fast.pipeline.loaders import LoaderSpec, make_loader
+
+    engine = _engine()
+    objects = ckpt.RunObjects(engine.model, engine.optimizer, None, None, engine.scaler)
+    identity = ckpt.RunIdentity({}, "alexnet-owt", 4, ["a", "b", "c", "d"], 1)
+    loader = make_loader(LoaderSpec(data=str(shard_set), kind="baseline", batch_size=2, workers=1))
+    checkpoints = Checkpointer(D.DistContext(0, 0, 1, torch.device("cpu")), tmp_path, objects, identity, loader)
+    state = TrainState()
+    train_one_epoch(engine, _batches(3), state, log_every=100, hooks=LoopHooks(settled=checkpoints.prepare))
+    made = checkpoints.host_copy
+    assert made is not None and set(made) == {"model", "optimizer"}
+    assert len(made["optimizer"]["state"]) == len(list(engine.model.parameters()))   # the momentum too
+    checkpoints.save(state)
+    checkpoints.finish()
+    copied = checkpoints.host_copy
+    for name, weight in engine.model.state_dict().items():
+        assert copied["model"][name].data_ptr() == made["model"][name].data_ptr()
+        assert torch.equal(copied["model"][name], weight)
+    for index, buffers in made["optimizer"]["state"].items():
+        assert copied["optimizer"]["state"][index]["momentum_buffer"].data_ptr() == buffers["momentum_buffer"].data_ptr()
+    saved = ckpt.read_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 3 and all(torch.equal(saved["model"][k], v) for k, v in engine.model.state_dict().items())
