@@ -86,7 +86,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                "normalize_resolved": "mean-std" if cfg.scale_by_std else "mean"}
     if ctx.is_main:
         save_config(cfg, run_dir, derived)
-        say(ctx, f"config (as given and as resolved: {run_dir / 'config.json'}):\n"
+        say(ctx, f"config: every value as this run uses it ({run_dir / 'config.json'} has them as given too)\n"
                  + format_config(cfg, shown_resolved(cfg, ctx, derived)))
 
     # --- the epochs
