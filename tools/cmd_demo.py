@@ -38,7 +38,7 @@ class DemoSize:
 
 # Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
 # procedural images, a few minutes of training, well under the 10-minute budget end to end.
-DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.01)
+DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.00025)
 DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
 
 
