@@ -46,9 +46,10 @@ def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, cap
 
 
 
-# The lower edge of the demo's band in README.md ("Measured results"): the CPU demo's final val top-1
-# measured on two thread counts (OMP_NUM_THREADS=1 and 2) of a 2-core machine.
-DEMO_FLOOR_TOP1 = 0.0
+# The lower edge of the demo's band in README.md ("Measured results"): val top-1 97-100% over epochs
+# 3-6 on a 2-core machine (2026-12-03), less two val images for float rounding on other CPUs (1 and
+# 2 threads agree to 6-7 digits; benchmarks/RESULTS.md, "The demo's recipe").
+DEMO_FLOOR_TOP1 = 0.95
 
 
 @pytest.mark.slow
