@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -459,8 +460,11 @@ def save_config(cfg: TrainConfig, run_dir: str | Path, extra: dict[str, Any] | N
     return path
 
 
-def format_config(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> str:
-    items = {**cfg.to_dict(), **(extra or {})}
-    width = max(len(k) for k in items)
-    return "\n".join(f"  {k:<{width}} = {v}" for k, v in items.items())
-
+def format_config(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:
+    """The config as the run uses it, compactly: `key=value` pairs wrapped to a few lines, each field
+    once. `resolved` replaces a field's placeholder by what it resolved to (num_classes 0 -> the
+    shard set's classes, workers 0 -> the cores, normalize/precision auto -> what was picked) and
+    adds derived values; config.json keeps both the asked and the resolved values."""
+    items = {**cfg.to_dict(), **(resolved or {})}
+    return textwrap.fill("  ".join(f"{k}={v}" for k, v in items.items()), width=110, initial_indent="  ",
+                         subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)

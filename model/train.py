@@ -102,7 +102,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                "normalize_resolved": "mean-std" if cfg.scale_by_std else "mean"}
     if ctx.is_main:
         save_config(cfg, run_dir, derived)
-        say(ctx, "config:\n" + format_config(cfg, derived))
+        say(ctx, f"config: every value as this run uses it ({run_dir / 'config.json'} has them as given too)\n"
+                 + format_config(cfg, shown_resolved(cfg, ctx, derived)))
 
     # --- the epochs
     checkpoints = Checkpointer(ctx, run_dir, objects, identity, train_loader, last_is_good,
@@ -117,6 +118,7 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     hooks = LoopHooks(checkpoint=lambda: checkpoints.save(state), stop_requested=lambda: stop.requested,
                       stop_agreement=agreement, settled=checkpoints.prepare)
     result: dict = {"outcome": Outcome.COMPLETED.value, "val": None}
+    started, first_step = time.perf_counter(), state.step
     boundary = EpochBoundary()      # the stall between two epochs, by part (model/boundary.py)
     curves = Redrawer(lambda: write_curves([run_dir], run_dir / "curves.png"), "curves") if ctx.is_main else None
     if shard_check is not None:
@@ -180,6 +182,8 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         with contextlib.suppress(Exception):    # a run that failed: still let a good write land whole
             checkpoints.finish()
     agreement.drain()
+    say(ctx, run_summary(result["outcome"], state, state.step - first_step, cfg.batch_size,
+                         time.perf_counter() - started, run_dir))
     if result["outcome"] == Outcome.STOPPED.value:
         D.leave_after_stop()
     result.update(step=state.step, epoch=state.epoch)
@@ -517,6 +521,29 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
+def shown_resolved(cfg: TrainConfig, ctx: D.DistContext, derived: dict[str, Any]) -> dict[str, Any]:
+    """What the printed config shows in place of the fields whose value is a placeholder ("0 = as
+    many as...", "auto"), then the derived values the run adds."""
+    from alexnet_fast.model.alexnet import resolve_init
+
+    return {"num_classes": derived["num_classes_resolved"], "init": resolve_init(cfg.arch, cfg.init),
+            "workers": loader_workers(cfg.workers, ctx), "normalize": derived["normalize_resolved"],
+            "device": ctx.device.type, "precision": derived["resolved_precision"],
+            **{k: derived[k] for k in ("world_size", "per_rank_batch", "effective_lr", "steps_per_epoch")}}
+
+
+def run_summary(outcome: str, state: TrainState, steps: int, batch_size: int, seconds: float, run_dir: Path) -> str:
+    """The run's last line: how it ended, what this invocation did, the best val top-1 so far and
+    where the checkpoints are."""
+    ended = {Outcome.COMPLETED.value: "completed", Outcome.MAX_STEPS.value: "reached --max-steps",
+             Outcome.STOPPED.value: "stopped"}.get(outcome, outcome)
+    best = f"best val top-1 {state.best_top1:.1%}" if state.best_top1 >= 0 else "no val evaluation"
+    kept = ", ".join(name for name in (ckpt.LAST, ckpt.BEST) if (run_dir / name).exists()) or "none"
+    return (f"train {ended}: {steps} steps ({steps * batch_size} images) in {seconds:.0f} s, "
+            f"{steps * batch_size / max(seconds, 1e-9):.1f} img/s overall; step {state.step}, epoch {state.epoch}; "
+            f"{best}; checkpoints in {run_dir}: {kept}")
+
+
 def say(ctx: D.DistContext, message: str) -> None:
     """One line on stdout from rank 0 (tqdm-safe)."""
     if ctx.is_main:

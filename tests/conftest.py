@@ -51,3 +51,29 @@ def wait_for_step():
 
     return wait
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp_dir(tmp_path_factory):
+    """The temp dir of the suite and of every process it starts: one folder of its own, removed at
+    the end, so the suite leaves nothing in /tmp (torchrun's launcher writes a `torchelastic_*`
+    log folder there per run and never removes it) and removes only what it made (other jobs on
+    the machine use /tmp too). pytest's own tmp_path folders are placed before the switch, where
+    pytest keeps and rotates them. A short path: Unix socket paths (gloo, Ray) allow 107 bytes."""
+    import os
+    import shutil
+    import tempfile
+
+    tmp_path_factory.getbasetemp()
+    path = tempfile.mkdtemp(prefix="alexnet-fast-tests-")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = path, path
+    try:
+        yield Path(path)
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(path, ignore_errors=True)

@@ -208,6 +208,21 @@ def test_recipes_command_prints_values_sources_and_a_labelled_prediction(capsys)
     assert "ten_crop           = True" in text and "sec. 4.1" in text and "PREDICTED" in text and "ASSUMED" in text
 
 
+def test_a_comm_bound_prediction_says_why_and_which_per_gpu_batch_would_scale(capsys):
+    with pytest.raises(SystemExit):
+        run_command(main, "alexnet-fast", ["recipes", "paper"])
+    text = " ".join(capsys.readouterr().out.split())
+    params = sum(p.numel() for p in build_model("alexnet2012", 1000).parameters())
+    # 8 GPUs, ring all-reduce: each sends 2 x 7/8 of the fp32 gradients over 400 Gbit/s; the backward
+    # pass (2/3 of a step at 40,000 img/s per GPU) hides it from this batch on
+    comm_s = 2 * 7 / 8 * params * 4 / (400e9 / 8)
+    batch = math.ceil(comm_s * 40_000 / (2 / 3))
+    assert "8 GPUs: 14,766 img/s" in text and "(comm-bound)" in text
+    assert f"DDP all-reduces all {params * 4 / 1e6:.0f} MB of fp32 gradients" in text
+    assert f"{comm_s * 1e3:.1f} ms on 8 GPUs, while 16 images per GPU compute in 0.4 ms" in text
+    assert f"per-GPU batch of at least {batch:,} images would scale (8 GPUs: --batch-size {8 * batch:,}" in text
+
+
 def test_train_help_names_the_recipes_and_the_papers_flat_start(capsys):
     with pytest.raises(SystemExit):
         run_command(main, "alexnet-fast", ["train", "--help"])

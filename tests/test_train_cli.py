@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from alexnet_fast.model.config import TrainConfig
 from alexnet_fast.tools.cli import main, run_command
 
 
@@ -40,6 +41,33 @@ def test_bad_input_is_one_line_and_exit_2(args, message, shard_set, capsys):
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+    assert err.startswith("alexnet-fast: error: "), err     # one form for flags, paths and data alike
+
+
+def test_a_mistyped_command_names_the_closest_one(capsys):
+    code, err = _run(["evl", "--data", "x"], capsys)
+    assert code == 2 and err.strip() == ("alexnet-fast: error: No such command 'evl'. Did you mean 'eval'? "
+                                         "(see alexnet-fast --help)")
+
+
+def test_a_run_prints_its_resolved_config_once_and_ends_with_a_summary(shard_set, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main, "alexnet-fast", ["train", "--data", str(shard_set), "--out", str(run), "--device", "cpu",
+                                           "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
+                                           "--max-steps", "3", "--dropout", "0"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.count("config:") == 1 and "--resume" not in out      # nobody asked to resume
+    lines = out[out.index("config:"):].splitlines()
+    config = dict(pair.split("=", 1) for line in lines[1:] if line.startswith("  ") for pair in line.split())
+    # each field once, with what it resolved to: the shard set's 4 classes, 1 worker, mean-std input
+    assert (config["num_classes"], config["workers"], config["normalize"]) == ("4", "1", "mean-std")
+    assert "num_classes_resolved" not in config and set(TrainConfig.__dataclass_fields__) <= set(config)
+    assert sum(line.startswith("  ") for line in lines[1:]) <= 16
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train reached --max-steps: 3 steps (12 images) in ") and " img/s overall; " in last
+    assert f"checkpoints in {run}: last.pt" in last
 
 
 def test_a_toml_with_a_wrong_type_is_a_usage_error(shard_set, tmp_path, capsys):

@@ -20,6 +20,7 @@ non-zero exit (2 for usage errors), never a traceback.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -50,6 +51,15 @@ class LazyGroup(click.Group):
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """An unknown command names the closest one (`evl` -> eval), which click's own message does not."""
+        name = args[0] if args else ""
+        if name in COMMANDS or name.startswith("-"):
+            return super().resolve_command(ctx, args)
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Commands: {', '.join(sorted(COMMANDS))}."
+        raise click.UsageError(f"No such command {name!r}.{hint}", ctx)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="alexnet-fast")
@@ -58,7 +68,9 @@ def main() -> None:
 
 
 def run_command(command: click.Command, prog_name: str, args: list[str] | None = None) -> None:
-    """Run a click command with one-line errors: `prog: error: message`, exit 2 for usage errors."""
+    """Run a click command with one-line errors in one form for every kind (a flag, a path, the
+    data): `prog: error: message`, exit 2 for usage errors, whose line ends by pointing at the
+    subcommand's --help."""
     try:
         rv = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
@@ -69,7 +81,7 @@ def run_command(command: click.Command, prog_name: str, args: list[str] | None =
         sys.exit(0)
     except click.UsageError as e:  # bad flag, missing argument, wrong type, bad path
         where = e.ctx.command_path if e.ctx is not None else prog_name
-        click.echo(f"{where}: error: {e.format_message()} (see --help)", err=True)
+        click.echo(f"{prog_name}: error: {e.format_message()} (see {where} --help)", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         click.echo(f"{line_start(getattr(e, 'after_progress', False))}{prog_name}: error: {e.format_message()}",

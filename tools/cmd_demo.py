@@ -3,11 +3,14 @@ tree, shard it with make_shards, train AlexNet (one-weird-trick variant) through
 evaluate best.pt, print train images/s and val top-1/top-5.
 
     alexnet-fast demo [--out DIR] [--device cpu|cuda] [--loader dali|baseline]
+
+Everything is kept in --out (default ./demo, git-ignored in the repository); the demo ends with
+the commands to try next on it (verify, eval, profile, plot).
 """
 from __future__ import annotations
 
 import json
-import tempfile
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,30 +38,50 @@ class DemoSize:
 
 # Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
 # procedural images, a few minutes of training, well under the 10-minute budget end to end.
-DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.01)
-DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.02)
+# The lr is small because He init without a normalization layer feeds the output layer large
+# features (squared norm ~57,000 per image in training mode on this sample), and its step grows
+# with them: at 0.01 the loss rose above log(10) and val top-1 fell back to chance; from ~0.0003 the
+# loss oscillates; 0.00025 falls steadily (benchmarks/RESULTS.md, "The demo's recipe"). The GPU
+# demo's lr follows the same reasoning (100 classes: the output layer's curvature at the start is
+# 10x smaller), not measured.
+DEMO_CPU = DemoSize(classes=10, train_per_class=48, val_per_class=10, epochs=6, batch_size=32, lr=0.00025)
+DEMO_GPU = DemoSize(classes=100, train_per_class=260, val_per_class=50, epochs=16, batch_size=256, lr=0.0025)
+
+
+DEFAULT_OUT = "demo"    # in the repository that is /demo in .gitignore
 
 
 @click.command("demo", context_settings=CONTEXT)
-@click.option("--out", "out_dir", default=None, help="keep the sample, shards and run here (default: a temp dir)")
+@click.option("--out", "out_dir", default=DEFAULT_OUT, show_default=True,
+              help="where the sample, shards and run are written and kept; a rerun with the same --out continues there")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--loader", type=click.Choice(LOADER_KINDS), default="dali", show_default=True)
-def demo_command(out_dir: str | None, device: str, loader: str) -> None:
+def demo_command(out_dir: str, device: str, loader: str) -> None:
     """Write the built-in procedural sample as a raw ImageNet tree, shard it, train AlexNet
-    (one-weird-trick variant) on it, evaluate, and print images/sec and accuracy."""
+    (one-weird-trick variant) on it, evaluate, and print images/sec and accuracy. Everything is
+    kept in --out, and the last lines are the commands to try next on it."""
     device = check_device(device)
-    if out_dir is not None:
-        check_out_dir(out_dir, "--out")
-    if out_dir is None:
-        with tempfile.TemporaryDirectory(prefix="alexnet-fast-demo-") as tmp:
-            run_demo(Path(tmp), device, loader)
-        click.echo("(the sample, shards, checkpoints and curves.png were in a temp dir, now removed: "
-                   "keep them with --out DIR)")
-    else:
-        run_demo(Path(out_dir), device, loader)
+    check_out_dir(out_dir, "--out")
+    result = run_demo(Path(out_dir), device, loader)
+    if result["outcome"] != "stopped":
+        click.echo("next, on what the demo wrote (copy and paste):")
+        for line in next_commands(out_dir, device):
+            click.echo(f"  {line}")
+
+
+def next_commands(out_dir: str, device: str) -> list[str]:
+    """The commands a newcomer tries next on the demo's outputs, exactly as they are to be typed."""
+    root = Path(out_dir)
+    shards, run, best, profile, curves = (shlex.quote(str(root / name)) for name in
+                                          ("shards", "run", "run/best.pt", "profile.json", "curves.png"))
+    return [f"alexnet-fast verify {shards}",
+            f"alexnet-fast eval --data {shards} --checkpoint {best} --device {device}",
+            f"alexnet-fast profile --data {shards} --device {device} --json {profile}",
+            f"alexnet-fast plot {run} --out {curves}"]
 
 
 def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None) -> dict:
+    from alexnet_fast.model.checkpoint import has_checkpoint
     from alexnet_fast.tools.sample_data import SampleSpec, write_raw_imagenet
     from alexnet_fast.tools.sharding.driver import ShardOptions, default_workers, make_shards
     from alexnet_fast.tools.sharding.errors import ShardingError
@@ -82,7 +105,7 @@ def run_demo(root: Path, device: str, loader: str, size: DemoSize | None = None)
     cfg = resolve_config("fast", None, dict(
         data=str(shards_dir), out=str(run_dir), arch="alexnet-owt", init="kaiming", epochs=size.epochs,
         batch_size=size.batch_size, lr=size.lr, scale_lr=False, warmup_epochs=1.0, gpus=gpus,
-        device=device, loader=loader, log_every=5, resume=True))
+        device=device, loader=loader, log_every=5, resume=has_checkpoint(run_dir)))
     click.echo(f"[3/4] training alexnet-owt for {cfg.epochs} epochs on "
                + (f"{gpus} GPU(s)" if device == "cuda" else "the CPU"))
     train_started = time.perf_counter()

@@ -9,13 +9,15 @@ run on 1, 2 and 8 GPUs from the scaling model (tools/scaling.py) at an assumed p
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 
 import click
 
 from alexnet_fast.model.config import PUBLISHED, RECIPES, Recipe, resolve_config
 from alexnet_fast.tools.common import CONTEXT
-from alexnet_fast.tools.scaling import SCHEME_GPU_COUNTS, ScalingInputs, Strategy, predict, predict_scheme
+from alexnet_fast.tools.scaling import (SCHEME_GPU_COUNTS, ScalingInputs, Strategy, batch_hiding_comm, predict,
+                                        predict_scheme, ring_allreduce_seconds)
 
 # ILSVRC-2012 train split: the images one epoch reads.
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -32,6 +34,7 @@ class WallTime:
     img_per_s: float
     hours: float
     bound: str
+    per_gpu_batch: int
 
 
 def run_images(recipe: str, train_images: int = IMAGENET_TRAIN_IMAGES) -> int:
@@ -56,7 +59,7 @@ def predicted_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link
         inputs = ScalingInputs(step_seconds=per_gpu_batch / img_per_s, batch=per_gpu_batch, params=params,
                                link_gbps=link_gbps)
         p = predict(inputs, Strategy("ddp_fp32", 4), gpus)
-        times.append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound))
+        times.append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound, per_gpu_batch))
     return times
 
 
@@ -82,6 +85,25 @@ def scheme_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link_gb
     return times
 
 
+def comm_bound_note(recipe: str, wall_times: list[WallTime], img_per_s: float, link_gbps: float) -> str | None:
+    """Why the most GPUs of a comm-bound prediction are slower than fewer, and which per-GPU batch
+    would scale; None when no row is comm-bound."""
+    bound = [t for t in wall_times if t.bound == "comm"]
+    if not bound:
+        return None
+    t = bound[-1]
+    params = _parameter_count(resolve_config(recipe).arch)
+    comm_ms = ring_allreduce_seconds(params * 4, t.gpus, link_gbps) * 1e3
+    fp32, bf16 = (batch_hiding_comm(params, nbytes, t.gpus, link_gbps, img_per_s) for nbytes in (4, 2))
+    return (f"why comm-bound: every step DDP all-reduces all {params * 4 / 1e6:.0f} MB of fp32 gradients "
+            f"({params / 1e6:.1f}M parameters), whatever the batch: {comm_ms:.1f} ms on {t.gpus} GPUs, while "
+            f"{t.per_gpu_batch} images per GPU compute in {t.per_gpu_batch / img_per_s * 1e3:.1f} ms, of which "
+            f"the backward pass (2/3) can hide it. A per-GPU batch of at least {fp32:,} images would scale "
+            f"({t.gpus} GPUs: --batch-size {fp32 * t.gpus:,} with --scale-lr); --grad-compression bf16 "
+            f"halves the bytes (at least {bf16:,} per GPU); --parallel hybrid or columns send a fraction of "
+            f"them (the table below, docs/parallelism.md).")
+
+
 def _parameter_count(arch: str) -> int:
     import torch
 
@@ -94,6 +116,7 @@ def _parameter_count(arch: str) -> int:
 def recipe_report(recipe: str, img_per_s: float, link_gbps: float) -> dict:
     cfg = resolve_config(recipe)
     published = PUBLISHED[Recipe(recipe)]
+    wall_times = predicted_wall_times(recipe, img_per_s, link_gbps)
     return {
         "recipe": recipe,
         "values": {name: {"value": getattr(cfg, name), "source": sourced.source}
@@ -102,7 +125,8 @@ def recipe_report(recipe: str, img_per_s: float, link_gbps: float) -> dict:
         "run_images": run_images(recipe),
         "prediction": {"assumed_img_per_s_per_gpu": img_per_s, "link_gbps": link_gbps,
                        "note": "a prediction from tools/scaling.py at an assumed per-GPU rate, not a measurement",
-                       "wall_times": [asdict(t) for t in predicted_wall_times(recipe, img_per_s, link_gbps)],
+                       "wall_times": [asdict(t) for t in wall_times],
+                       "comm_bound_note": comm_bound_note(recipe, wall_times, img_per_s, link_gbps),
                        "by_parallel": {name: [asdict(t) for t in rows]
                                        for name, rows in scheme_wall_times(recipe, img_per_s, link_gbps).items()}},
     }
@@ -119,6 +143,7 @@ def format_report(report: dict) -> str:
         accuracy = (f"{published['top1']:.1%} top-1 / {published['top5']:.1%} top-5 on ILSVRC-2012 val, "
                     f"{published['crops']} crop{'s' if published['crops'] > 1 else ''} — {published['source']}")
     prediction = report["prediction"]
+    note = prediction.get("comm_bound_note")
     lines = [f"recipe {report['recipe']}", f"  published: {accuracy}"]
     lines += [f"  {name:<{width}} = {str(v['value']):<{value_width}}   {v['source']}" for name, v in values.items()]
     lines.append(f"  full run: {report['run_images'] / 1e6:.1f}M training images; PREDICTED training time "
@@ -127,6 +152,8 @@ def format_report(report: dict) -> str:
     for t in prediction["wall_times"]:
         lines.append(f"    {t['gpus']} GPU{'s' if t['gpus'] > 1 else ' '}: {t['img_per_s']:>9,.0f} img/s  "
                      f"{t['hours']:6.2f} h  ({t['bound']}-bound)")
+    if note:
+        lines += textwrap.wrap(note, width=110, initial_indent="    ", subsequent_indent="    ")
     schemes = prediction.get("by_parallel", {})
     if schemes:
         lines.append("  by --parallel scheme (PREDICTED, each scheme's counted bytes; 16-64 GPUs = 2-8 nodes of 8), "

@@ -232,3 +232,12 @@ def format_scheme_table(rows: list[dict]) -> str:
         lines.append(f"{r['gpus']:>5}  {r['strategy']:<8} {r['sent_mb_per_gpu']:>17.1f} {r['img_per_s']:>12,.0f}  "
                      f"{r['efficiency']:>8.0%}  {r['bound']}")
     return "\n".join(lines)
+
+
+def batch_hiding_comm(params: int, grad_bytes_per_param: int, gpus: int, link_gbps: float, img_per_s: float,
+                      overlap: float = DEFAULT_OVERLAP, hop_latency_us: float = 0.0) -> int:
+    """The smallest per-GPU batch whose compute hides the step's all-reduce (overlap x batch /
+    img_per_s >= comm(N)): the all-reduce moves the same bytes whatever the batch, so only a larger
+    batch (or fewer bytes) makes a comm-bound step compute-bound again."""
+    comm = ring_allreduce_seconds(params * grad_bytes_per_param, gpus, link_gbps, hop_latency_us, ddp_buckets(params))
+    return max(1, math.ceil(comm * img_per_s / overlap))
