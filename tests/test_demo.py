@@ -80,7 +80,7 @@ def test_the_demo_learns_steadily_past_its_floor_keeps_its_outputs_and_its_next_
     demo_top1 = float(summary.split("val top-1 ")[1].split("%")[0]) / 100
     assert demo_top1 >= DEMO_FLOOR_TOP1, summary
 
-    for kept in ("raw", "shards/manifest.json", "run/best.pt", "run/last.pt", "run/curves.png", "run/metrics.jsonl"):
+    for kept in ("raw", "shards/manifest.json", "run/best.pt", "run/curves.png", "run/metrics.jsonl"):
         assert (out / kept).exists(), kept
     printed = text[text.index("next, on what the demo wrote (copy and paste):"):].splitlines()[1:]
     commands = [shlex.split(line) for line in printed if line.startswith("  alexnet-fast ")]
