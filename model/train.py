@@ -182,8 +182,10 @@ def train_rank(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         with contextlib.suppress(Exception):    # a run that failed: still let a good write land whole
             checkpoints.finish()
     agreement.drain()
-    say(ctx, run_summary(result["outcome"], state, state.step - first_step, cfg.batch_size,
-                         time.perf_counter() - started, run_dir))
+    # a stop of workers our own launcher started is said once, by the launching command
+    if not (result["outcome"] == Outcome.STOPPED.value and D.launched_by_us()):
+        say(ctx, run_summary(result["outcome"], state, state.step - first_step, cfg.batch_size,
+                             time.perf_counter() - started, run_dir))
     if result["outcome"] == Outcome.STOPPED.value:
         D.leave_after_stop()
     result.update(step=state.step, epoch=state.epoch)

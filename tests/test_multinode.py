@@ -317,7 +317,8 @@ def test_the_predicted_scaling_over_nodes_in_the_docs_is_what_the_tool_prints():
         result = CliRunner().invoke(main, ["profile", "--scaling", "--assume-img-per-s", "40000", "--batch-size", "256",
                                            "--link-gbps", str(gbps), "--scaling-gpus", "16,32,64"])
         assert result.exit_code == 0, result.output
-        rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+(16|32|64)\s", line)]
+        ddp_table = result.stdout.split("--parallel schemes")[0]      # the per-scheme table follows it
+        rows = [line.split() for line in ddp_table.splitlines() if re.match(r"\s+(16|32|64)\s", line)]
         assert len(rows) == 3, result.stdout
         for row in rows:
             gpus = int(row[0])

@@ -81,7 +81,7 @@ def scheme_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link_gb
             inputs = ScalingInputs(step_seconds=batch / img_per_s, batch=batch, params=1, link_gbps=link_gbps)
             p = predict_scheme(inputs, parallel, cfg.arch, 1000, gpus)
             if p is not None:
-                times.setdefault(parallel, []).append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound))
+                times.setdefault(parallel, []).append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound, batch))
     return times
 
 
