@@ -15,6 +15,9 @@ from alexnet_fast.tools.cli import main, run_command
 from alexnet_fast.tools.cmd_plot import plot_command
 from alexnet_fast.tools.cmd_demo import DEMO_CPU, DemoSize, run_demo
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def test_demo_runs_every_stage_and_reports_throughput_and_accuracy(tmp_path, capsys):
     tiny = DemoSize(classes=3, train_per_class=8, val_per_class=4, epochs=1, batch_size=8, lr=0.01)

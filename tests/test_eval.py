@@ -129,6 +129,7 @@ def test_eval_command_reports_the_checkpoint_accuracy_as_json(model, shard_set, 
     assert evaluate(fixed, val).top1 == pytest.approx(labels.count(0) / len(labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ten_crop, launcher", [(False, EVAL), (True, TORCHRUN)], ids=["centre-self-launched",
                                                                                     "ten-crop-under-torchrun"])
 def test_two_processes_score_exactly_what_one_process_scores(ten_crop, launcher, model, shard_set, checkpoint,
@@ -162,6 +163,7 @@ def test_bad_process_counts_are_one_line_exit_2(flag, value, message, shard_set,
     assert len(err.strip().splitlines()) == 1 and message in err and flag in err, err
 
 
+@pytest.mark.slow
 def test_a_corrupt_sample_on_one_rank_stops_both_with_its_name_or_is_skipped(shard_set, checkpoint, tmp_path):
     """Rank 1 hits a JPEG that does not decode while rank 0's half is fine: rank 0 must not wait for
     rank 1's counts forever. Both stop; rank 0 prints rank 1's error, naming the sample: one line,

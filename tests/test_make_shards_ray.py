@@ -31,6 +31,9 @@ MAKE_SHARDS = [sys.executable, str(REPO / "tools" / "make_shards")]
 KILLPOINT = [sys.executable, str(REPO / "tests" / "reliability" / "killpoint.py")]
 QUIET = dict(progress=False, log=lambda msg: None)
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def options_of(shard_set: Path) -> ShardOptions:
     """The options the session's `shard_set` was made with (its manifest records them)."""

@@ -220,6 +220,7 @@ def test_build_model_rejects_unknown_arch_and_bad_class_count():
         build_model("alexnet2012", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,lr", [("alexnet-owt", 0.0005), ("alexnet2012", 0.002)])
 def test_loss_falls_overfitting_a_small_batch(arch, lr):
     """Both architectures (LRN, grouped convs, pooling, dropout-free FC) pass gradients well enough

@@ -79,6 +79,9 @@ WEIGHTS_SHIM = textwrap.dedent('''
         run()
 ''')
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Node:

@@ -34,6 +34,9 @@ import parallel_worker as W  # noqa: E402
 CASES_2 = ["ddp:alexnet-owt:64:4:1", "hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]
 CASES_4 = ["hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]     # columns: 2 replicas x 2
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _torchrun(out: Path, ranks: int, cases: list[str]) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

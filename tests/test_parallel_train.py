@@ -15,6 +15,9 @@ import torch
 
 TRAIN = [sys.executable, "-m", "alexnet_fast.tools.cli", "train"]
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _check_checkpoint(saved: dict) -> None:
     from alexnet_fast.model.alexnet import build_model

@@ -163,6 +163,7 @@ def test_flops_are_the_layer_shapes(tmp_path):
         del logits
 
 
+@pytest.mark.slow
 def test_compile_is_absorbed_by_the_warm_up(shard_set, tmp_path):
     """--compile: the model and end_to_end stages train a torch.compile'd network (inductor builds
     C++ kernels with the machine's compiler: ~30 s on 2 CPU cores with the empty cache given here).

@@ -231,6 +231,7 @@ def test_train_help_names_the_recipes_and_the_papers_flat_start(capsys):
     assert "sits at loss log(C)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [r.value for r in Recipe])
 def test_recipe_trains_end_to_end_on_the_cpu(recipe, shard_set, tmp_path, capsys):
     """A few real steps of each recipe through the real CLI, loader and trainer (its architecture,
@@ -260,6 +261,7 @@ def test_recipe_trains_end_to_end_on_the_cpu(recipe, shard_set, tmp_path, capsys
         assert groups[1]["lr"] == pytest.approx(2 * groups[0]["lr"])
 
 
+@pytest.mark.slow
 def test_plateau_steps_on_evaluated_epochs_only_and_the_final_epoch_is_evaluated(shard_set, tmp_path, capsys):
     """The paper's recipe evaluates every few epochs: its plateau schedule must compare val errors
     with val errors, not with the training loss of the epochs in between (a loss of ~1.4 after a val

@@ -53,6 +53,9 @@ WORKER = textwrap.dedent('''
     D.teardown()
 ''')
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _single_process_run():
     from alexnet_fast.model.alexnet import build_model

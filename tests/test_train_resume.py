@@ -21,6 +21,9 @@ TRAIN = [sys.executable, "-m", "alexnet_fast.tools.cli", "train"]
 SMALL = ["--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1", "--seed", "3",
          "--log-every", "1", "--lr", "0.005"]
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _env() -> dict:
     # the same thread count in every run keeps float reductions in the same order

@@ -18,6 +18,9 @@ SHARD = "train-000001.tar"
 TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
          "--max-steps", "2", "--seed", "3"]
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _second_jpeg(tar_path):
     with tarfile.open(tar_path) as tar:

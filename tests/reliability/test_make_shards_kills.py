@@ -20,6 +20,9 @@ SEED = 2012
 KILLS_DURING_SHARDS = 5      # + 1 kill after the last shard (statistics or manifest)
 FLAGS = ["--per-shard", "3", "--no-progress"]
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _command(raw: Path, out: Path, workers: int) -> list[str]:
     return [str(raw), str(out), *FLAGS, "--workers", str(workers)]

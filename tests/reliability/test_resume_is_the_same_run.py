@@ -40,6 +40,9 @@ CASES = [("step", "mid-epoch"), ("cosine", "epoch-boundary"), ("plateau-val", "d
          ("plateau-loss", "during-checkpoint-write")]
 DECISIONS = ("step", "epoch", "loss", "lr", "val_top1", "val_top5", "val_images")
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _decisions(run_dir: Path) -> list[dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

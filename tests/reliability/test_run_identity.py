@@ -29,6 +29,9 @@ TRAIN = [*ALEXNET_FAST, "train", *FLAGS]
 # a command that ought to be refused but is not still ends soon (the test then fails on its exit code)
 BOUNDED = ["--max-steps", "2"]
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file under `root` (hidden ones too): checkpoints by (inode, size, mtime) -- they are

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from faults import ALEXNET_FAST, MAKE_SHARDS, QUIET, env, one_error_line, run, tree_bytes
 
 from alexnet_fast.tools.run_lock import LOCK_NAME
@@ -29,6 +31,9 @@ from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
 TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--batch-size", "4", "--workers", "1",
          "--seed", "3", "--lr", "0.005", "--log-every", "1"]
 SHARD_FLAGS = ["--per-shard", "3", "--no-progress", "--workers", "1"]
+
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
 
 
 def _start(cmd: list, logs: Path) -> subprocess.Popen:

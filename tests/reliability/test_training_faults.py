@@ -27,6 +27,9 @@ TRAIN = [*ALEXNET_FAST, "train", "--device", "cpu", "--arch", "alexnet-owt", "--
          "--seed", "3", "--lr", "0.005", "--log-every", "1", "--ckpt-every", "2", "--on-corrupt", "skip"]
 CHECKPOINT_FILES = ("last.pt", "last.prev.pt", "best.pt")
 
+# every test here starts training or sharding processes: outside the fast subset (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
