@@ -45,6 +45,7 @@ def _rank(rank: int, store_path: str, out: dict) -> None:
     where = agreement.flag.data_ptr()
     answers = [agreement.check(rank == 1 and i == 2) for i in range(5)]
     out[(rank, "reused")] = (answers, agreement.flag.data_ptr() == where)
+    agreement.drain()           # the last check's all-reduce is still in flight (as the trainer drains it)
     dist.barrier()              # neither process leaves while the other still talks to it
     dist.destroy_process_group()
 
