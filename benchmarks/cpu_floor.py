@@ -46,7 +46,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from nhwc_bound import _setup  # noqa: E402  (the same shard set, reader and colour statistics)
+from nhwc_bound import _setup, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
 from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
 DALI_STAGES = ("read", "decode", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
@@ -218,12 +218,7 @@ def check_fused(data: str, batches: int = 2) -> dict:
 
     @pipeline_def
     def graph():
-        jpg, label = dp.read_shards(reader)
-        crop_x, crop_y, mirror = dp.random_window()
-        images = dp.decode(jpg, dp.DecodeConfig(roi=True), (227, crop_x, crop_y))
-        mean = dp.lighting_mean(stats, 0.1)[0]
-        return (jpg, crop_x, crop_y, mirror, mean, images,
-                dp.normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True))
+        return train_window(dp, reader, stats, out)
 
     pipe = graph(batch_size=BATCH, num_threads=1, device_id=None, seed=3)
     pipe.build()

@@ -58,6 +58,18 @@ def _setup(data: str):
     return dp, reader, ColorStats.from_dict(shard_set.stats())
 
 
+def train_window(dp, reader, stats, out):
+    """Inside a pipeline_def: the train graph's image path on one sample, as its parts (the two
+    reference checks compare other paths against it): (jpg, crop_x, crop_y, mirror, lighting mean,
+    the decoded 227 window, the normalized window)."""
+    jpg, _ = dp.read_shards(reader)
+    crop_x, crop_y, mirror = dp.random_window()
+    images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
+    mean = dp.lighting_mean(stats, 0.1)[0]
+    normalized = dp.normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True)
+    return jpg, crop_x, crop_y, mirror, mean, images, normalized
+
+
 def normalize_hwc(out, image, mirror, mean, inv_std):
     """One sample: out[y, x, c] = (image[y, x', c] - mean[c]) * inv_std[c], x' mirrored or not. Rows as
     flat runs of W*3 values against a per-row pattern of the three channels' constants, so the inner
@@ -193,12 +205,8 @@ def check_numba_normalize(data: str) -> float:
 
     @pipeline_def
     def both():
-        jpg, _ = dp.read_shards(reader)
-        crop_x, crop_y, mirror = dp.random_window()
-        images = dp.decode(jpg, dp.DecodeConfig(roi=True), (out.crop, crop_x, crop_y))
-        mean = dp.lighting_mean(stats, 0.1)[0]
-        return (dp.normalize(images, out, mean, list(stats.std_255), crop_x, crop_y, mirror, cropped=True),
-                _numba_normalize(images, mirror, mean, stats))
+        _, _, _, mirror, mean, images, normalized = train_window(dp, reader, stats, out)
+        return normalized, _numba_normalize(images, mirror, mean, stats)
 
     pipe = both(batch_size=8, num_threads=1, device_id=None, seed=3)
     pipe.build()
