@@ -46,7 +46,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from nhwc_bound import _setup, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
+from nhwc_bound import _setup, require_shard_set, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
 from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
 DALI_STAGES = ("read", "decode", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
@@ -266,12 +266,7 @@ def main() -> None:
                   help="first compare the fused path's output with the train graph's")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
     def cli(data, names, seconds, min_batches, rounds, warmup, check, json_path):
-        from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
-
-        try:
-            ShardSet.open(data).stats()
-        except ShardSetError as e:
-            raise click.UsageError(str(e)) from None
+        require_shard_set(data)
         cores = os.sched_getaffinity(0)
         threads = len(cores)
         results = {"config": {"data": str(data), "batch_size": BATCH, "threads": threads, "cpus": sorted(cores),

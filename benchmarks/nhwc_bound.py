@@ -58,6 +58,18 @@ def _setup(data: str):
     return dp, reader, ColorStats.from_dict(shard_set.stats())
 
 
+def require_shard_set(data: str) -> None:
+    """A folder that is no shard set (or has no stats.json) is one usage line, before any child starts."""
+    import click
+
+    from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
+
+    try:
+        ShardSet.open(data).stats()
+    except ShardSetError as e:
+        raise click.UsageError(str(e)) from None
+
+
 def train_window(dp, reader, stats, out):
     """Inside a pipeline_def: the train graph's image path on one sample, as its parts (the two
     reference checks compare other paths against it): (jpg, crop_x, crop_y, mirror, lighting mean,
@@ -232,12 +244,7 @@ def main() -> None:
     @click.option("--ffcv-venv", type=click.Path(file_okay=False), default=str(HERE.parent / ".ffcv-venv"), show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
     def cli(data, names, peers, seconds, min_batches, rounds, warmup, ffcv_venv, json_path):
-        from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
-
-        try:
-            ShardSet.open(data).stats()
-        except ShardSetError as e:
-            raise click.UsageError(str(e)) from None
+        require_shard_set(data)
         cores = os.sched_getaffinity(0)
         threads = len(cores)
         beton = Path(f"{str(data).rstrip('/')}.train.beton")
