@@ -1,4 +1,4 @@
-"""--parallel ddp | columns | hybrid, measured: step time on N CPU ranks (gloo) in the same run,
+"""--parallel ddp | columns | hybrid | hybrid-pipelined, measured: step time on N CPU ranks (gloo) in the same run,
 interleaved, and the bytes each rank passes per step (counted at the collectives), plus the bytes
 per step at the recipes' batch sizes from the accounting the scaling model uses.
 
@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-SCHEMES = ("ddp", "hybrid", "columns")
-ARCH = "alexnet2012"         # the one network all three schemes run
+SCHEMES = ("ddp", "hybrid", "hybrid-pipelined", "columns")
+ARCH = "alexnet2012"         # the one network every scheme runs
 
 
 def bytes_table() -> list[dict]:
-    """Per-GPU MB passed and sent per step, at each recipe's global batch, on 2/4/8 GPUs."""
+    """Per-GPU MB passed and sent per step, at each recipe's global batch, on 2/4/8 GPUs; activations
+    in fp32 and under bf16 autocast (the GPU default)."""
     from alexnet_fast.model.config import Recipe, resolve_config
     from alexnet_fast.model.parallel.accounting import step_traffic
 
@@ -32,8 +33,10 @@ def bytes_table() -> list[dict]:
         for gpus in (2, 4, 8):
             for scheme in SCHEMES:
                 t = step_traffic(scheme, ARCH, 1000, cfg.batch_size, gpus)
+                bf16 = step_traffic(scheme, ARCH, 1000, cfg.batch_size, gpus, activation_bytes=2)
                 rows.append({"recipe": recipe.value, "global_batch": cfg.batch_size, "gpus": gpus, "scheme": scheme,
-                             "passed_mb": t.passed_bytes / 1e6, "sent_mb": t.sent_bytes / 1e6})
+                             "passed_mb": t.passed_bytes / 1e6, "sent_mb": t.sent_bytes / 1e6,
+                             "sent_mb_bf16": bf16.sent_bytes / 1e6})
     return rows
 
 
@@ -88,8 +91,9 @@ def main() -> None:
         return worker(int(args.worker[0]), int(args.worker[1]), args.worker[2])
     report: dict = {"bytes_at_recipe_batches": bytes_table()}
     for row in report["bytes_at_recipe_batches"]:
-        print(f"{row['recipe']:<12} batch {row['global_batch']:>5} {row['gpus']} GPUs {row['scheme']:<8} "
-              f"passed {row['passed_mb']:8.1f} MB  sent {row['sent_mb']:8.1f} MB per GPU per step")
+        print(f"{row['recipe']:<12} batch {row['global_batch']:>5} {row['gpus']} GPUs {row['scheme']:<16} "
+              f"passed {row['passed_mb']:8.1f} MB  sent {row['sent_mb']:8.1f} MB (bf16 activations: "
+              f"{row['sent_mb_bf16']:8.1f}) per GPU per step")
     if not args.bytes_only:
         report["load_before"] = Path("/proc/loadavg").read_text().split()[:3]
         report["timed"] = {}
@@ -103,7 +107,7 @@ def main() -> None:
             report["timed"][ranks] = timed
             for scheme, r in timed.items():
                 median = sorted(r["step_s"])[len(r["step_s"]) // 2]
-                print(f"{ranks} ranks {scheme:<8} median step {median:.2f} s, {r['passed_bytes'] / 1e6:.1f} MB passed "
+                print(f"{ranks} ranks {scheme:<16} median step {median:.2f} s, {r['passed_bytes'] / 1e6:.1f} MB passed "
                       f"per rank (global batch {args.batch})")
         report["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
         print(f"load average before {report['load_before']}, after {report['load_after']} (a shared machine)")

@@ -127,7 +127,9 @@ class TrainConfig:
     parallel: str = _f("ddp", "how the ranks split the network (docs/parallelism.md): ddp = a whole replica per rank, "
                               "gradients all-reduced; columns = the 2012 paper's two columns, 2 ranks per replica "
                               "(alexnet2012/alexnet-bvlc, an even number of ranks); hybrid = 2014's one weird trick: "
-                              "convolutions data-parallel, FC layers split by neuron across all ranks",
+                              "convolutions data-parallel, FC layers split by neuron across all ranks, fed every rank's rows at "
+                              "once (its scheme (a)); hybrid-pipelined = the same, fed one rank's rows at a time while the "
+                              "next rank's travel (its scheme (b))",
                        choices=PARALLEL_NAMES)
     # --- logging and checkpoints
     log_every: int = _f(50, "log (and sync the host) every this many steps")

@@ -1,7 +1,7 @@
 """One rank of tests/test_parallel.py's runs (started by torchrun): for each case, the network
 split per its scheme takes `steps` SGD steps on its share of fixed global batches; the rank saves
 its logits, its gradients and the traffic of the first step, then the gathered full weights and
-full optimizer state."""
+full optimizer state. A case is scheme:arch:input size:global batch:steps[:precision]."""
 import sys
 
 import torch
@@ -12,7 +12,7 @@ from alexnet_fast.model.alexnet import build_model
 from alexnet_fast.model.config import TrainConfig
 from alexnet_fast.model.optim import make_optimizer
 from alexnet_fast.model.parallel import split_network
-from alexnet_fast.model.runtime import seed_everything
+from alexnet_fast.model.runtime import autocast, seed_everything
 
 CLASSES = 5          # uneven over 2 and 4 ranks: the padded gathers are exercised
 
@@ -32,7 +32,7 @@ def optimizer_config() -> TrainConfig:
     return TrainConfig(lr=0.01, weight_decay=5e-4, momentum=0.9)
 
 
-def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int) -> dict:
+def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int, precision: str = "fp32") -> dict:
     model = network(arch)
     split = split_network(scheme, model, ctx, count_traffic=True)
     optimizer = make_optimizer(optimizer_config(), split.trainable)
@@ -43,8 +43,9 @@ def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int) -> 
     for step, (images, labels) in enumerate(batches(size, batch, steps)):
         optimizer.zero_grad(set_to_none=True)
         split.traffic.reset()
-        logits = split.network(images[mine])
-        F.cross_entropy(logits, labels[mine]).backward()
+        with autocast(ctx.device, precision):        # bf16: what the exchanged activations weigh
+            logits = split.network(images[mine])
+        F.cross_entropy(logits.float(), labels[mine]).backward()
         if step == 0:
             record["logits"] = logits.detach()
             record["grads"] = {name: p.grad.clone() for name, p in zip(
@@ -62,7 +63,7 @@ if __name__ == "__main__":
     ctx = D.setup("cpu")
     results = {}
     for case in cases:
-        scheme, arch, size, batch, steps = case.split(":")
-        results[case] = run_case(ctx, scheme, arch, int(size), int(batch), int(steps))
+        scheme, arch, size, batch, steps, *precision = case.split(":")
+        results[case] = run_case(ctx, scheme, arch, int(size), int(batch), int(steps), *precision)
     torch.save(results, f"{out}/rank{ctx.rank}.pt")
     D.teardown()

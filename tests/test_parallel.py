@@ -31,8 +31,13 @@ import parallel_worker as W  # noqa: E402
 # scheme:arch:input size:global batch:steps. alexnet-owt takes a small input (its adaptive pool);
 # alexnet2012 needs 227 px (its FC6 reads 6x6 maps), so it gets batch 2 and hybrid runs on owt only
 # (the FC part, the split one, is the same code for both networks)
-CASES_2 = ["ddp:alexnet-owt:64:4:1", "hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]
-CASES_4 = ["hybrid:alexnet-owt:64:4:3", "columns:alexnet2012:227:2:3"]     # columns: 2 replicas x 2
+CASES_2 = ["ddp:alexnet-owt:64:4:1", "hybrid:alexnet-owt:64:4:3", "hybrid-pipelined:alexnet-owt:64:4:3",
+           "columns:alexnet2012:227:2:3"]
+CASES_4 = ["hybrid:alexnet-owt:64:4:3", "hybrid-pipelined:alexnet-owt:64:4:3",
+           "columns:alexnet2012:227:2:3"]     # columns: 2 replicas x 2
+# under bf16 autocast (the GPU default): what the exchanged activations weigh; traffic only
+CASES_BF16 = ["hybrid:alexnet2012:227:2:1:bf16", "hybrid-pipelined:alexnet-owt:64:4:1:bf16",
+              "columns:alexnet2012:227:2:1:bf16"]
 
 # every test here starts training or sharding processes: outside the fast subset (-m "not slow")
 pytestmark = pytest.mark.slow
@@ -48,7 +53,7 @@ def _torchrun(out: Path, ranks: int, cases: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, list[dict]]:
-    return {2: _torchrun(tmp_path_factory.mktemp("par2"), 2, CASES_2),
+    return {2: _torchrun(tmp_path_factory.mktemp("par2"), 2, CASES_2 + CASES_BF16),
             4: _torchrun(tmp_path_factory.mktemp("par4"), 4, CASES_4)}
 
 
@@ -111,14 +116,16 @@ def test_split_network_equals_one_device(runs, world, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2] + [(4, c) for c in CASES_4])
+@pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2 + CASES_BF16] + [(4, c) for c in CASES_4])
 def test_counted_traffic_equals_the_accounting(runs, world, case):
     """The bytes rank 0 passed to collectives in a step, counted at the calls, equal the accounting
-    the scaling model uses (model/parallel/accounting.py), key by key."""
+    the scaling model uses (model/parallel/accounting.py), key by key; under bf16 autocast with the
+    activations at 2 bytes (conv3's input under columns stays fp32: LRN runs in fp32)."""
     from alexnet_fast.model.parallel.accounting import step_traffic
 
-    scheme, arch, _, batch, _ = case.split(":")
-    expected = dict(step_traffic(scheme, arch, W.CLASSES, int(batch), world).passed)
+    scheme, arch, _, batch, _, *precision = case.split(":")
+    activation_bytes = 2 if precision == ["bf16"] else 4
+    expected = dict(step_traffic(scheme, arch, W.CLASSES, int(batch), world, activation_bytes).passed)
     assert expected
     assert runs[world][0][case]["passed"] == expected
     for rank in runs[world][1:]:        # an uneven split (5 classes) leaves the others no more than rank 0

@@ -2,6 +2,8 @@
 checked against the same accounting in tests/test_parallel.py), and the scaling model built on it."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -72,3 +74,65 @@ def test_scaling_model_uses_each_schemes_bytes():
     assert predict_scheme(inputs, "columns", "alexnet2012", 1000, 3) is None
     assert predict_scheme(inputs, "columns", "alexnet-owt", 1000, 2) is None
     assert predict_scheme(inputs, "hybrid", "alexnet2012", 1000, 1).img_per_s == pytest.approx(40_000)
+
+
+def test_bf16_autocast_halves_the_exchanged_activations_not_the_gradients():
+    fp32 = step_traffic("hybrid", "alexnet2012", 1000, 128, 4)
+    bf16 = step_traffic("hybrid", "alexnet2012", 1000, 128, 4, activation_bytes=2)
+    assert bf16.passed["all_reduce:conv gradients"] == fp32.passed["all_reduce:conv gradients"]
+    for key, value in fp32.passed.items():
+        if "gradients" not in key:
+            assert bf16.passed[key] * 2 == value, key
+    ddp = step_traffic("ddp", "alexnet2012", 1000, 128, 4)
+    assert step_traffic("ddp", "alexnet2012", 1000, 128, 4, activation_bytes=2).passed == ddp.passed
+    # columns: LRN's output is fp32 under autocast, so conv3's input (pooled LRN maps) stays 4 bytes
+    columns = step_traffic("columns", "alexnet2012", 1000, 128, 2, activation_bytes=2)
+    assert columns.passed["all_gather:features.8 input"] == 128 * 128 * 13 * 13 * 4
+    assert columns.passed["all_gather:classifier.0 input"] == 128 * 4608 * 2
+
+
+@pytest.mark.parametrize("batch,ranks", [(128, 2), (128, 8), (1024, 8), (20, 4)])
+def test_pipelined_hybrid_sends_what_the_batched_one_sends(batch, ranks):
+    """Scheme (b) moves the same rows as (a): n broadcasts and n reduces of each rank's rows
+    instead of one all-gather and one reduce-scatter, and the FC layers' gathers per share."""
+    batched = step_traffic("hybrid", "alexnet-owt", 1000, batch, ranks)
+    pipelined = step_traffic("hybrid-pipelined", "alexnet-owt", 1000, batch, ranks)
+    assert pipelined.sent_bytes == pytest.approx(batched.sent_bytes)
+    rows = batch // ranks * 9216 * 4
+    assert pipelined.passed["broadcast:fc input rows"] == ranks * rows       # one per source rank
+    assert pipelined.passed["reduce:fc input rows"] == ranks * rows
+    assert "all_gather:fc input rows" not in pipelined.passed
+    for key in ("all_gather:classifier.4 input", "all_to_all:logits", "all_reduce:conv gradients"):
+        assert pipelined.passed[key] == batched.passed[key], key
+
+
+def test_pipelined_rows_hide_under_the_fc_layers_and_only_there():
+    """The scaling model: hybrid-pipelined's row transfers, all but one share's, hide under the FC
+    layers' compute; nothing changes when communication is free."""
+    from alexnet_fast.tools.scaling import fc_share
+
+    params = _params("alexnet2012")
+    slow = ScalingInputs(step_seconds=128 / 40_000, batch=128, params=params, link_gbps=100)
+    batched = predict_scheme(slow, "hybrid", "alexnet2012", 1000, 8)
+    pipelined = predict_scheme(slow, "hybrid-pipelined", "alexnet2012", 1000, 8)
+    assert pipelined.img_per_s > batched.img_per_s
+    saved = batched.step_ms - pipelined.step_ms
+    assert saved <= fc_share("alexnet2012", 1000) * batched.compute_ms + 1e-9      # no more than the FC compute
+    free = ScalingInputs(step_seconds=128 / 40_000, batch=128, params=params, link_gbps=math.inf)
+    assert (predict_scheme(free, "hybrid-pipelined", "alexnet2012", 1000, 8).img_per_s
+            == pytest.approx(predict_scheme(free, "hybrid", "alexnet2012", 1000, 8).img_per_s))
+    assert 0.03 < fc_share("alexnet-owt", 1000) < 0.15             # the FC layers: a few % of the FLOPs
+
+
+def test_profile_scaling_gpus_choose_the_rows_of_both_tables():
+    from click.testing import CliRunner
+
+    from alexnet_fast.tools.cli import main
+
+    result = CliRunner().invoke(main, ["profile", "--scaling", "--assume-img-per-s", "40000", "--batch-size", "128",
+                                       "--arch", "alexnet2012", "--scaling-gpus", "4,24"])
+    assert result.exit_code == 0, result.output
+    schemes = result.stdout.split("--parallel schemes")[1]
+    counts = {int(line.split()[0]) for line in schemes.splitlines()[2:] if line.strip()}
+    assert counts == {4, 24}
+    assert "hybrid-pipelined" in schemes

@@ -1,7 +1,7 @@
 """`alexnet-fast train --parallel ...` through the real CLI with 2 gloo processes: a hybrid run
-stopped by SIGTERM, resumed under ddp, then under hybrid again, then under columns. Each checkpoint
-is one unwrapped state_dict with the single-device optimizer's state (the single-device network and
-optimizer load it), and every step is logged once."""
+stopped by SIGTERM, resumed under ddp, then under hybrid-pipelined (the 2014 paper's scheme (b)),
+then under columns. Each checkpoint is one unwrapped state_dict with the single-device optimizer's
+state (the single-device network and optimizer load it), and every step is logged once."""
 from __future__ import annotations
 
 import json
@@ -59,7 +59,7 @@ def test_train_stops_and_resumes_across_parallel_schemes(shard_set, tmp_path, wa
     _check_checkpoint(saved)
     stopped_at = saved["step"]
 
-    for extra, scheme in enumerate(("ddp", "hybrid", "columns"), start=1):
+    for extra, scheme in enumerate(("ddp", "hybrid-pipelined", "columns"), start=1):
         steps = stopped_at + extra
         done = subprocess.run([*TRAIN, *flags, "--parallel", scheme, "--max-steps", str(steps), "--resume"],
                               env=env, capture_output=True, text=True, timeout=600)

@@ -68,8 +68,9 @@ def _parse_gpu_counts(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--scaling-batch-factor", type=click.IntRange(min=2), default=4, show_default=True,
               help="scaling: the 'larger per-GPU batch' rows use this multiple of --batch-size")
 @click.option("--scaling-gpus", callback=_parse_gpu_counts, default=None,
-              help="scaling: comma-separated GPU counts to predict, e.g. 8,16,32,64 for 1-8 nodes of 8 GPUs "
-                   "[default: 1,2,8,64,512]")
+              help="scaling: comma-separated GPU counts to predict, e.g. 8,16,32,64 for 1-8 nodes of 8 GPUs, "
+                   "in both tables [default: 1,2,8,64,512 for DDP's strategies, 1,2,4,8,16,32,64 for the "
+                   "--parallel schemes]")
 def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, hop_latency_us, assume_img_per_s,
                     scaling_batch_factor, scaling_gpus, **values):
     """Measure img/s of each stage (read, decode, baseline_decode, model, end_to_end) and say which
@@ -115,7 +116,8 @@ def profile_command(stages, json_path, plot_path, scaling, link_gbps, overlap, h
         report["scaling"] = sc.scaling_report(inputs, sc.default_strategies(scaling_batch_factor),
                                               scaling_gpus or sc.DEFAULT_GPU_COUNTS, source=source)
         click.echo(sc.format_scaling(report["scaling"]))
-        report["scaling"]["schemes"] = sc.scheme_table(inputs, cfg.arch, cfg.num_classes)
+        report["scaling"]["schemes"] = sc.scheme_table(inputs, cfg.arch, cfg.num_classes,
+                                                       scaling_gpus or sc.SCHEME_GPU_COUNTS)
         click.echo(sc.format_scheme_table(report["scaling"]["schemes"]))
 
     if json_path is not None:
@@ -131,7 +133,8 @@ def _scaling_inputs(report: dict, cfg, assume_img_per_s: float | None, link_gbps
     """(the scaling model's inputs, where its step time came from): the measured model stage, or
     the what-if img/s the user gave."""
     from alexnet_fast.model.alexnet import build_model, count_parameters
-    from alexnet_fast.tools.scaling import ScalingInputs
+    from alexnet_fast.model.runtime import resolve_precision
+    from alexnet_fast.tools.scaling import ScalingInputs, activation_bytes
 
     if assume_img_per_s is not None:
         step_seconds, batch = cfg.batch_size / assume_img_per_s, cfg.batch_size
@@ -142,8 +145,12 @@ def _scaling_inputs(report: dict, cfg, assume_img_per_s: float | None, link_gbps
         step_seconds, batch, params = model["step_ms"] / 1e3, model["batch_size"], model["params"]
         source = f"the model stage measured on {report['device']}"
     decode = report["stages"].get("decode", {}).get("img_per_s")
+    # the schemes' exchanged activations weigh what the run's autocast makes them; an assumed img/s
+    # is a what-if about GPUs, so 'auto' resolves as on a GPU there (bf16)
+    precision = resolve_precision(cfg.precision, "cuda") if assume_img_per_s is not None else cfg.resolved_precision
     inputs = ScalingInputs(step_seconds=step_seconds, batch=batch, params=params, link_gbps=link_gbps,
-                           overlap=overlap, hop_latency_us=hop_latency_us, loader_img_per_s=decode)
+                           overlap=overlap, hop_latency_us=hop_latency_us, loader_img_per_s=decode,
+                           activation_bytes=activation_bytes(precision))
     return inputs, source
 
 

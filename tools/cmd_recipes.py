@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 import click
 
 from alexnet_fast.model.config import PUBLISHED, RECIPES, Recipe, resolve_config
+from alexnet_fast.model.runtime import resolve_precision
 from alexnet_fast.tools.common import CONTEXT
-from alexnet_fast.tools.scaling import (SCHEME_GPU_COUNTS, ScalingInputs, Strategy, batch_hiding_comm, predict,
-                                        predict_scheme, ring_allreduce_seconds)
+from alexnet_fast.tools.scaling import (SCHEME_GPU_COUNTS, ScalingInputs, Strategy, activation_bytes, batch_hiding_comm,
+                                        predict, predict_scheme, ring_allreduce_seconds)
 
 # ILSVRC-2012 train split: the images one epoch reads.
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -71,6 +72,7 @@ def scheme_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link_gb
 
     cfg = resolve_config(recipe)
     images = run_images(recipe)
+    wire = activation_bytes(resolve_precision(cfg.precision, "cuda"))    # the recipe's autocast on a GPU
     times: dict[str, list[WallTime]] = {}
     for parallel in PARALLEL_NAMES:
         for gpus in gpu_counts:
@@ -78,7 +80,8 @@ def scheme_wall_times(recipe: str, img_per_s: float = ASSUMED_IMG_PER_S, link_gb
             if readers < 1 or cfg.batch_size % readers:
                 continue
             batch = cfg.batch_size // readers
-            inputs = ScalingInputs(step_seconds=batch / img_per_s, batch=batch, params=1, link_gbps=link_gbps)
+            inputs = ScalingInputs(step_seconds=batch / img_per_s, batch=batch, params=1, link_gbps=link_gbps,
+                                   activation_bytes=wire)
             p = predict_scheme(inputs, parallel, cfg.arch, 1000, gpus)
             if p is not None:
                 times.setdefault(parallel, []).append(WallTime(gpus, p.img_per_s, images / p.img_per_s / 3600, p.bound, batch))
@@ -159,10 +162,11 @@ def format_report(report: dict) -> str:
         lines.append("  by --parallel scheme (PREDICTED, each scheme's counted bytes; 16-64 GPUs = 2-8 nodes of 8), "
                      "hours:")
         counts = sorted({t["gpus"] for rows in schemes.values() for t in rows})
-        lines.append("    " + f"{'gpus':<8}" + "".join(f"{g:>8}" for g in counts))
+        width = max(len(name) for name in ["gpus", *schemes])
+        lines.append("    " + f"{'gpus':<{width}}" + "".join(f"{g:>8}" for g in counts))
         for name, rows in schemes.items():
             by_gpus = {t["gpus"]: t for t in rows}
-            lines.append("    " + f"{name:<8}" + "".join(f"{by_gpus[g]['hours']:>8.2f}" if g in by_gpus else f"{'-':>8}"
+            lines.append("    " + f"{name:<{width}}" + "".join(f"{by_gpus[g]['hours']:>8.2f}" if g in by_gpus else f"{'-':>8}"
                                                         for g in counts))
     return "\n".join(lines)
 

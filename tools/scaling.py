@@ -32,6 +32,7 @@ class ScalingInputs:
     overlap: float = DEFAULT_OVERLAP       # fraction of compute that can hide communication
     hop_latency_us: float = 0.0            # per ring step; 0 = the bandwidth term alone (optimistic)
     loader_img_per_s: float | None = None  # per-GPU loader ceiling (the decode stage), if measured
+    activation_bytes: int = 4              # --parallel schemes' exchanged activations: 2 under bf16/fp16 autocast
 
     def __post_init__(self) -> None:
         if not (self.step_seconds > 0 and self.batch > 0 and self.params > 0 and self.link_gbps > 0):
@@ -175,13 +176,31 @@ SCHEME_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)      # 1-8 GPUs on one node, then 2
 # gradients: all-reduced as backward produces them (hidden under `overlap` of the compute);
 # everything else (activations, logits) sits between two layers: on the critical path
 OVERLAPPED_KEYS = ("gradient buckets", "conv gradients", "column gradients")
+PIPELINED_KEY = "fc input rows"     # hybrid-pipelined: each rank's rows travel under the FC layers' compute
+
+
+def activation_bytes(precision: str) -> int:
+    """Bytes of an exchanged activation under a resolved precision: autocast's bf16/fp16 outputs, or fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def fc_share(arch: str, num_classes: int) -> float:
+    """The FC layers' share of a step's FLOPs (model/flops.py): what hybrid-pipelined's row
+    transfers can hide under (each rank computes its neurons for all B rows: b images' worth)."""
+    from alexnet_fast.model.flops import layer_flops
+
+    layers = layer_flops(arch, num_classes)
+    return sum(f for name, f in layers if name.startswith("classifier")) / sum(f for _, f in layers)
 
 
 def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes: int, gpus: int) -> Prediction | None:
-    """img/s of `gpus` GPUs running `parallel` (ddp | columns | hybrid), each step's bytes counted
-    by the scheme's accounting at the per-GPU batch `inputs.batch` (columns: per replica of 2 GPUs,
-    each doing half its kernels, so half the measured compute). None where the scheme cannot run
-    (columns on an odd GPU count, or on a network without columns)."""
+    """img/s of `gpus` GPUs running `parallel` (a --parallel choice), each step's bytes counted by
+    the scheme's accounting at the per-GPU batch `inputs.batch`, activations at
+    `inputs.activation_bytes` (columns: per replica of 2 GPUs, each doing half its kernels, so half
+    the measured compute). Gradients hide under `overlap` of the compute; activation exchanges are
+    on the critical path, except hybrid-pipelined's row transfers, of which all but one share's
+    ((n-1)/n) hide under the FC layers' compute. None where the scheme cannot run (columns on an
+    odd GPU count, or on a network without columns)."""
     from alexnet_fast.model.config import COLUMN_ARCHS
     from alexnet_fast.model.parallel.accounting import step_traffic
 
@@ -190,14 +209,20 @@ def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes:
         return None
     readers = gpus // 2 if columns else gpus
     compute = inputs.step_seconds / 2 if columns else inputs.step_seconds
-    traffic = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus)
+    traffic = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus, inputs.activation_bytes)
     per_byte = 0.0 if math.isinf(inputs.link_gbps) else 8 / (inputs.link_gbps * 1e9)
-    hidden_bytes = sum(v for k, v in traffic.sent.items() if k.split(":", 1)[1] in OVERLAPPED_KEYS)
+    where = lambda key: key.split(":", 1)[1]  # noqa: E731
+    hidden_bytes = sum(v for k, v in traffic.sent.items() if where(k) in OVERLAPPED_KEYS)
     exposed_bytes = traffic.sent_bytes - hidden_bytes
+    under_fc = 0.0                  # seconds of row transfers that hide under the FC layers
+    if parallel == "hybrid-pipelined" and gpus > 1:
+        rows = sum(v for k, v in traffic.sent.items() if where(k) == PIPELINED_KEY) * per_byte
+        under_fc = min((gpus - 1) / gpus * rows, fc_share(arch, num_classes) * compute)
     latency = len(traffic.sent) * 2 * max(gpus - 1, 0) * inputs.hop_latency_us * 1e-6
     hidden = inputs.overlap * compute
     comm = (hidden_bytes + exposed_bytes) * per_byte + latency
-    step = compute + exposed_bytes * per_byte + latency + max(0.0, hidden_bytes * per_byte - hidden)
+    step = (compute + exposed_bytes * per_byte - under_fc + latency
+            + max(0.0, hidden_bytes * per_byte - hidden))
     per_gpu_images = inputs.batch * readers / gpus / step
     bound = "comm" if step > compute * 1.05 else "compute"
     if inputs.loader_img_per_s is not None and inputs.batch / step > inputs.loader_img_per_s:
@@ -220,16 +245,17 @@ def scheme_table(inputs: ScalingInputs, arch: str, num_classes: int = 1000,
             p = predict_scheme(inputs, parallel, arch, num_classes, gpus)
             if p is not None:
                 readers = gpus // 2 if parallel == "columns" else gpus
-                sent = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus).sent_bytes
+                sent = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus,
+                                    inputs.activation_bytes).sent_bytes
                 rows.append({**p.as_dict(), "sent_mb_per_gpu": sent / 1e6})
     return rows
 
 
 def format_scheme_table(rows: list[dict]) -> str:
     lines = ["--parallel schemes (a model: bytes counted from each scheme's collectives, model/parallel/accounting.py):",
-             f"{'gpus':>5}  {'scheme':<8} {'MB sent/GPU/step':>17} {'img/s':>12}  of linear  bound"]
+             f"{'gpus':>5}  {'scheme':<16} {'MB sent/GPU/step':>17} {'img/s':>12}  of linear  bound"]
     for r in rows:
-        lines.append(f"{r['gpus']:>5}  {r['strategy']:<8} {r['sent_mb_per_gpu']:>17.1f} {r['img_per_s']:>12,.0f}  "
+        lines.append(f"{r['gpus']:>5}  {r['strategy']:<16} {r['sent_mb_per_gpu']:>17.1f} {r['img_per_s']:>12,.0f}  "
                      f"{r['efficiency']:>8.0%}  {r['bound']}")
     return "\n".join(lines)
 

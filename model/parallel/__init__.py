@@ -8,7 +8,9 @@ ddp      every rank a whole replica; DDP all-reduces every gradient (model/distr
 columns  the 2012 paper's two columns: 2 ranks per replica, activations exchanged where the columns
          connect (columns.py); 2 x N ranks = N replicas, gradients all-reduced per column
 hybrid   2014's "one weird trick": convolutions data-parallel, FC layers split by output neuron
-         across all ranks (hybrid.py)
+         across all ranks (hybrid.py), the FC input gathered from every rank at once (its scheme (a))
+hybrid-pipelined   the same split, the FC layers fed one rank's rows at a time while the next
+         rank's travel (its scheme (b), hybrid.py)
 
 `split_network` is the one place the choice becomes a wrapper. Whatever the choice, the unwrapped
 `model` stays the network checkpoints and `eval` see: `prepare_checkpoint` (a collective) fills it
@@ -32,6 +34,11 @@ class Parallel(str, Enum):
     DDP = "ddp"
     COLUMNS = "columns"
     HYBRID = "hybrid"
+    HYBRID_PIPELINED = "hybrid-pipelined"
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self in (Parallel.HYBRID, Parallel.HYBRID_PIPELINED)
 
 
 PARALLEL_NAMES: tuple[str, ...] = tuple(p.value for p in Parallel)
@@ -111,12 +118,8 @@ def split_network(choice: Parallel | str, model: nn.Module, ctx: Any, grad_compr
         return _columns(model, ctx)
     if not ctx.is_distributed:
         return Split(model, model, 0, 1)
-    if choice is Parallel.HYBRID:
-        from alexnet_fast.model.parallel.hybrid import HybridNet
-
-        traffic = Traffic()
-        net = HybridNet(model, Link(None, ctx.rank, ctx.world_size, traffic), traffic)
-        return Split(net, net, ctx.rank, ctx.world_size, traffic)
+    if choice.is_hybrid:
+        return _hybrid(choice, model, ctx)
     return _ddp(model, ctx, grad_compression, count_traffic)
 
 
@@ -135,6 +138,19 @@ def _ddp(model: nn.Module, ctx: Any, grad_compression: str, count_traffic: bool)
             return default_hooks.allreduce_hook(state, bucket)
         ddp.register_comm_hook(state=None, hook=counted)
     return Split(ddp, model, ctx.rank, ctx.world_size, traffic)
+
+
+def _hybrid(choice: Parallel, model: nn.Module, ctx: Any) -> Split:
+    from alexnet_fast.model.parallel.hybrid import HybridNet, PipelinedHybridNet
+
+    traffic = Traffic()
+    world = Link(None, ctx.rank, ctx.world_size, traffic)
+    if choice is Parallel.HYBRID:
+        net = HybridNet(model, world, traffic)
+    else:       # the row broadcasts on a communicator of their own (collectives.RowExchange says why)
+        rows = Link(dist.new_group(list(range(ctx.world_size))), ctx.rank, ctx.world_size, traffic)
+        net = PipelinedHybridNet(model, world, rows, traffic)
+    return Split(net, net, ctx.rank, ctx.world_size, traffic)
 
 
 def _columns(model: nn.Module, ctx: Any) -> Split:

@@ -4,7 +4,10 @@ agree exactly), at any batch and rank count, for the scaling model and the docs.
 
     step_traffic("hybrid", "alexnet-owt", 1000, global_batch=1024, ranks=8).sent_bytes
 
-Per rank, fp32 (4 bytes an element); where a layer splits unevenly, for rank 0, whose share is the
+Per rank; gradients of parameters in fp32 (4 bytes an element: the parameters are fp32 under
+autocast too), activations and their gradients at `activation_bytes` an element (4 in fp32, 2 under
+bf16/fp16 autocast, the GPU default, where the convolutions and FC layers output bf16); where a
+layer splits unevenly, for rank 0, whose share is the
 largest (gathers pad every share to it anyway). `passed`: the bytes of the tensors passed to the collectives;
 `sent`: what the rank sends under ring all-reduce / all-gather and direct reduce-scatter /
 all-to-all (collectives.Traffic.add)."""
@@ -69,16 +72,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _gather(traffic: Traffic, where: str, chunk: int, ranks: int, backward_sum: bool = True) -> None:
-    """One `collectives.gather` of `chunk` elements per rank, and its reduce-scatter backward."""
-    traffic.add(where, "all_gather", _Meta(chunk), ranks)
+def _gather(traffic: Traffic, where: str, chunk: int, ranks: int, element: int, backward_sum: bool = True) -> None:
+    """One `collectives.gather` of `chunk` elements of `element` bytes per rank, and its reduce-scatter backward."""
+    traffic.add(where, "all_gather", _Meta(chunk, element), ranks)
     if backward_sum:
         for _ in range(ranks):
-            traffic.add(where, "reduce_scatter", _Meta(chunk), ranks)
+            traffic.add(where, "reduce_scatter", _Meta(chunk, element), ranks)
 
 
-def step_traffic(choice: Parallel | str, arch: str, num_classes: int, global_batch: int, ranks: int) -> Traffic:
-    """What one rank passes and sends in one training step of `choice` on `ranks` ranks."""
+def step_traffic(choice: Parallel | str, arch: str, num_classes: int, global_batch: int, ranks: int,
+                 activation_bytes: int = FP32) -> Traffic:
+    """What one rank passes and sends in one training step of `choice` on `ranks` ranks,
+    activations at `activation_bytes` an element (2: bf16/fp16 autocast)."""
     choice = Parallel(choice)
     traffic = Traffic()
     if ranks <= 1:
@@ -89,10 +94,11 @@ def step_traffic(choice: Parallel | str, arch: str, num_classes: int, global_bat
     linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
     if choice is Parallel.DDP:
         traffic.add("gradient buckets", "all_reduce", _Meta(params), ranks)
-    elif choice is Parallel.HYBRID:
-        _hybrid(traffic, model, linears, global_batch, ranks)
+    elif choice.is_hybrid:
+        _hybrid(traffic, model, linears, global_batch, ranks, activation_bytes,
+                pipelined=choice is Parallel.HYBRID_PIPELINED)
     else:
-        _columns(traffic, model, shapes, global_batch, ranks)
+        _columns(traffic, model, shapes, global_batch, ranks, activation_bytes)
     return traffic
 
 
@@ -100,37 +106,52 @@ def _widest(size: int, ranks: int) -> int:
     return max(stop - start for start, stop in shard_bounds(size, ranks))
 
 
-def _hybrid(traffic: Traffic, model: nn.Module, linears: list[nn.Linear], global_batch: int, ranks: int) -> None:
+def _hybrid(traffic: Traffic, model: nn.Module, linears: list[nn.Linear], global_batch: int, ranks: int,
+            element: int, pipelined: bool) -> None:
+    """Scheme (a): one gather of every rank's rows, the FC layers on all of them. Scheme (b)
+    (`pipelined`): a broadcast of each rank's rows and, per share, the FC layers' gathers; the
+    backward reduces each share's gradient to its rank."""
     rows = global_batch // ranks
     index = {m: i for i, m in enumerate(model.classifier)}
-    _gather(traffic, "fc input rows", rows * linears[0].in_features, ranks)
+    shares = ranks if pipelined else 1
+    if pipelined:
+        for _ in range(ranks):
+            traffic.add("fc input rows", "broadcast", _Meta(rows * linears[0].in_features, element), ranks)
+            traffic.add("fc input rows", "reduce", _Meta(rows * linears[0].in_features, element), ranks)
+    else:
+        _gather(traffic, "fc input rows", rows * linears[0].in_features, ranks, element)
     for previous, layer in zip(linears, linears[1:]):
-        _gather(traffic, f"classifier.{index[layer]} input", global_batch * _widest(previous.out_features, ranks),
-                ranks)
-    logits = _Meta(global_batch * _widest(linears[-1].out_features, ranks))
+        for _ in range(shares):
+            _gather(traffic, f"classifier.{index[layer]} input",
+                    global_batch // shares * _widest(previous.out_features, ranks), ranks, element)
+    logits = _Meta(global_batch * _widest(linears[-1].out_features, ranks), element)
     traffic.add("logits", "all_to_all", logits, ranks)           # forward
     traffic.add("logits", "all_to_all", logits, ranks)           # backward
     convs = sum(p.numel() for p in model.features.parameters())
     traffic.add("conv gradients", "all_reduce", _Meta(convs), ranks)
 
 
-def _columns(traffic: Traffic, model: nn.Module, shapes: dict, global_batch: int, ranks: int) -> None:
+def _columns(traffic: Traffic, model: nn.Module, shapes: dict, global_batch: int, ranks: int, element: int) -> None:
     replicas = data_share(Parallel.COLUMNS, 0, ranks)[1]
     batch = global_batch // replicas                             # both columns of a pair read it
     first = True
+    current = element          # the element size of the maps flowing at this layer
     for i, module in enumerate(model.features):
         channels, height, width = shapes.get(module, (0, 0, 0))
         if isinstance(module, nn.Conv2d):
             if module.groups == 1 and not first:
-                _gather(traffic, f"features.{i} input", batch * channels // 2 * height * width, 2)
-            first = False
+                _gather(traffic, f"features.{i} input", batch * channels // 2 * height * width, 2, current)
+            first, current = False, element
         elif isinstance(module, nn.LocalResponseNorm):
-            _gather(traffic, f"features.{i} LRN halo", batch * (module.size // 2) * height * width, 2)
+            _gather(traffic, f"features.{i} LRN halo", batch * (module.size // 2) * height * width, 2, current)
+            # autocast runs LRN's pow in fp32 (CUDA's and the CPU's fp32 lists), so its output, and
+            # the pooled maps conv3 reads, are fp32 even under bf16 (counted: tests/test_parallel.py)
+            current = FP32
     for i, module in enumerate(model.classifier):
         if isinstance(module, nn.Linear):
-            _gather(traffic, f"classifier.{i} input", batch * _widest(module.in_features, 2), 2)
+            _gather(traffic, f"classifier.{i} input", batch * _widest(module.in_features, 2), 2, element)
             last = module
-    _gather(traffic, "logits", batch * _widest(last.out_features, 2), 2, backward_sum=False)
+    _gather(traffic, "logits", batch * _widest(last.out_features, 2), 2, element, backward_sum=False)
     if replicas > 1:
         for name, p in model.named_parameters():
             # column 0's share: the larger one where a layer's outputs split unevenly

@@ -12,10 +12,17 @@ group (NCCL on GPUs, gloo on the CPU: the same calls):
     rows_to_columns(x, group, sizes, scale)      [n*b, C_r] (all rows, this rank's columns) ->
                                                  [b, C] (this rank's rows, all columns): all_to_all;
                                                  backward the inverse all_to_all, times `scale`
+    RowExchange(link).rows_of_each_rank(x)       every rank's rows, one rank's at a time (the 2014
+                                                 paper's scheme (b)): n async broadcasts, each
+                                                 waited for only when its rows are needed; backward:
+                                                 each share's gradient reduced to its rank, launched
+                                                 as soon as it exists
 
 `Traffic` counts what each rank hands to collectives ("passed": bytes of the input tensors, padding
 included) and what it sends under the usual algorithms ("sent": ring all-reduce 2(n-1)/n x size,
-all-gather (n-1) x the input, reduce-scatter and all-to-all (n-1)/n x the input). Counting is
+all-gather (n-1) x the input, reduce-scatter and all-to-all (n-1)/n x the input, ring broadcast and
+reduce (n-1)/n x the tensor: n of them, one from or to each rank, send what one all-gather or
+reduce-scatter of the same rows sends). Counting is
 exact: it reads the tensors at the call, not a formula.
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,7 +45,8 @@ class Traffic:
     def add(self, where: str, op: str, tensor: torch.Tensor, ranks: int) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         share = {"all_reduce": 2 * (ranks - 1) / ranks, "all_gather": ranks - 1,
-                 "reduce_scatter": (ranks - 1) / ranks, "all_to_all": (ranks - 1) / ranks}[op]
+                 "reduce_scatter": (ranks - 1) / ranks, "all_to_all": (ranks - 1) / ranks,
+                 "broadcast": (ranks - 1) / ranks, "reduce": (ranks - 1) / ranks}[op]
         key = f"{op}:{where}"
         self.passed[key] += nbytes
         self.sent[key] += nbytes * share
@@ -159,6 +168,102 @@ def rows_to_columns(x: torch.Tensor, link: Link, sizes: tuple[int, ...], scale: 
     """[n*b, sizes[rank]] (every rank's rows, this rank's columns) -> [b, sum(sizes)] (this rank's
     rows, every rank's columns); the gradient comes back the inverse way, times `scale`."""
     return _RowsToColumns.apply(x, link, tuple(sizes), scale)
+
+
+class RowExchange:
+    """Every rank's rows, one rank's share at a time, with the transfers overlapping the compute
+    (Krizhevsky 2014, scheme (b) for the FC layers' input).
+
+        for rows in RowExchange(link).rows_of_each_rank(x):    # rank 0's x, rank 1's x, ...
+            ...                                                 # compute on them
+
+    Forward: the n broadcasts (rank s sends its rows) are all launched at once, asynchronously;
+    the loop waits for broadcast s only when it reaches share s, so share s+1 travels while the
+    layers after this compute on share s. Backward: the gradient of share s is reduced (summed) to
+    rank s, launched asynchronously as soon as backward has produced it, while backward goes on
+    through the other shares; this rank's own rows' gradient is waited for last, just before
+    backward enters the layers that made `x`.
+
+    Autograd shape of it: x -> _Own (identity; its backward waits for this rank's reduce) -> one
+    _Share node per source rank (forward: wait for that broadcast; backward: launch that reduce,
+    pass no gradient on). Each _Share is its own node, so its backward runs as soon as its share's
+    gradient is complete; a hook on the output of one multi-output node would fire only once all
+    shares' gradients were in. Every rank launches the same collectives in the same order (the same
+    graph), so the collectives match. `link.group` should be a group of its own (a second
+    communicator): collectives queued on one group run in order, and the layers' own gathers
+    between two shares would otherwise wait behind the broadcasts of the later shares.
+    """
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._buffers: list[torch.Tensor] = []
+        self._broadcasts: list = []
+        self._reduces: dict[int, tuple[object, torch.Tensor]] = {}
+
+    def _global(self, rank: int) -> int:
+        return rank if self.link.group is None else dist.get_global_rank(self.link.group, rank)
+
+    def rows_of_each_rank(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Rank 0's rows, then rank 1's, ...: each waited for when the caller asks for it."""
+        own = _Own.apply(x, self)
+        for source in range(self.link.size):
+            yield _Share.apply(own, self, source)
+
+    def _start(self, x: torch.Tensor) -> None:
+        link = self.link
+        self._reduces.clear()
+        self._buffers = [x.detach().clone() if s == link.rank else torch.empty_like(x) for s in range(link.size)]
+        self._broadcasts = []
+        for s, buffer in enumerate(self._buffers):
+            link.traffic.add(link.where, "broadcast", buffer, link.size)
+            self._broadcasts.append(dist.broadcast(buffer, src=self._global(s), group=link.group, async_op=True))
+
+    def _received(self, source: int) -> torch.Tensor:
+        work = self._broadcasts[source]
+        if work is not None:
+            work.wait()
+            self._broadcasts[source] = None
+        return self._buffers[source]
+
+    def _reduce(self, source: int, grad: torch.Tensor) -> None:
+        link = self.link
+        total = grad.contiguous().clone()           # reduced in place: not the engine's buffer
+        link.traffic.add(link.where, "reduce", total, link.size)
+        self._reduces[source] = (dist.reduce(total, dst=self._global(source), group=link.group, async_op=True), total)
+
+    def _own_gradient(self) -> torch.Tensor:
+        for work, _ in self._reduces.values():
+            work.wait()
+        own = self._reduces[self.link.rank][1]
+        self._reduces.clear()
+        self._buffers = []
+        return own
+
+
+class _Own(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, exchange: RowExchange):
+        ctx.exchange = exchange
+        exchange._start(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # `grad` is what the _Share nodes passed on: nothing; this rank's rows' gradient is the sum
+        # the other ranks reduced to it
+        return ctx.exchange._own_gradient(), None
+
+
+class _Share(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, own: torch.Tensor, exchange: RowExchange, source: int):
+        ctx.exchange, ctx.source = exchange, source
+        return exchange._received(source)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.exchange._reduce(ctx.source, grad)
+        return None, None, None
 
 
 class GradientReducer:
