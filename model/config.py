@@ -190,9 +190,9 @@ class TrainConfig:
             raise ConfigError("parallel", f"columns splits the 2012 network's two columns: --arch "
                                           f"{' or '.join(COLUMN_ARCHS)}, not {self.arch}")
         if self.grad_compression != "none":
-            raise ConfigError("grad_compression", f"compresses DDP's all-reduce: only with --parallel ddp")
+            raise ConfigError("grad_compression", "compresses DDP's all-reduce: only with --parallel ddp")
         if self.compile:
-            raise ConfigError("compile", f"compiles the DDP network: only with --parallel ddp")
+            raise ConfigError("compile", "compiles the DDP network: only with --parallel ddp")
 
 
 # the networks with the 2012 paper's two columns (grouped conv2/4/5)
