@@ -6,10 +6,7 @@ test reads the same real shards. Other helpers may append fixtures at the end of
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,45 +18,6 @@ from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
 # 4 classes x 16 train (+4 odd files kept, 3 rejected) and 4 val per class, labelled by the devkit.
 SHARD_SET_SPEC = SampleSpec(classes=4, train_per_class=16, val_per_class=4, val_layout=ValFormat.FLAT_DEVKIT)
 SHARD_SET_OPTIONS = ShardOptions(per_shard=16)  # 68 train samples -> 5 train shards, 1 val shard
-
-
-# pytest's tmp_path folders (every run's checkpoints: ~0.5 GB each for alexnet-owt with its momentum)
-# go to RAM when it has room: writing and fsyncing them on disk is ~13% of the slow tests' time
-# (190 s against 165 s for the resume and parallel-train tests on a 2-core VM, 2026-12-03). The
-# suite holds at most RAM_TEMP_PEAK of them at once (pyproject's tmp_path_retention_policy =
-# "failed" removes each passed test's folder at its teardown); with less than RAM_TEMP_MARGIN free,
-# with --basetemp given, or with ALEXNET_FAST_TEST_TMP=disk, they stay where pytest puts them.
-RAM_TEMP = Path("/dev/shm")
-RAM_TEMP_PEAK = 6 * 2**30
-RAM_TEMP_MARGIN = 2 * RAM_TEMP_PEAK
-
-
-@pytest.hookimpl(tryfirst=True)        # before pytest's tmpdir plugin reads --basetemp
-def pytest_configure(config):
-    if config.option.basetemp is not None or os.environ.get("ALEXNET_FAST_TEST_TMP") == "disk":
-        return
-    if not (RAM_TEMP.is_dir() and os.access(RAM_TEMP, os.W_OK)
-            and shutil.disk_usage(RAM_TEMP).free >= RAM_TEMP_MARGIN):
-        return
-    config.option.basetemp = tempfile.mkdtemp(prefix="alexnet-fast-pytest-", dir=RAM_TEMP)
-    config.stash[_ram_basetemp] = Path(config.option.basetemp)
-
-
-_ram_basetemp = pytest.StashKey[Path]()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """A RAM basetemp is ours to remove (pytest removes only one it chose itself): at once when
-    every test passed; kept, and said, when one failed (its folder is what tells why)."""
-    path = session.config.stash.get(_ram_basetemp, None)
-    if path is None or not path.exists():
-        return
-    if exitstatus == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"\nthe failed tests' folders are kept in RAM, in {path}: remove it when done")
 
 
 @pytest.fixture(scope="session")
@@ -100,8 +58,13 @@ def session_temp_dir(tmp_path_factory):
     """The temp dir of the suite and of every process it starts: one folder of its own, removed at
     the end, so the suite leaves nothing in /tmp (torchrun's launcher writes a `torchelastic_*`
     log folder there per run and never removes it) and removes only what it made (other jobs on
-    the machine use /tmp too). pytest's own tmp_path folders are placed before the switch (in RAM
-    or where pytest keeps them: see pytest_configure above). A short path: Unix socket paths (gloo, Ray) allow 107 bytes."""
+    the machine use /tmp too). pytest's own tmp_path folders are placed before the switch, where
+    pytest puts them (pyproject's tmp_path_retention_policy removes each passed test's at its
+    teardown). A short path: Unix socket paths (gloo, Ray) allow 107 bytes."""
+    import os
+    import shutil
+    import tempfile
+
     tmp_path_factory.getbasetemp()
     path = tempfile.mkdtemp(prefix="alexnet-fast-tests-")
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
