@@ -199,8 +199,10 @@ def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes:
     `inputs.activation_bytes` (columns: per replica of 2 GPUs, each doing half its kernels, so half
     the measured compute). Gradients hide under `overlap` of the compute; activation exchanges are
     on the critical path, except hybrid-pipelined's row transfers, of which all but one share's
-    ((n-1)/n) hide under the FC layers' compute. None where the scheme cannot run (columns on an
-    odd GPU count, or on a network without columns)."""
+    ((n-1)/n) hide under the FC layers' compute. Left out: what pipelining costs, n passes over
+    each rank's FC weights and n weight gradients accumulated per step (on CPU ranks 40-70% slower
+    steps than hybrid, benchmarks/RESULTS.md; on a GPU about the size of its predicted gain). None
+    where the scheme cannot run (columns on an odd GPU count, or on a network without columns)."""
     from alexnet_fast.model.config import COLUMN_ARCHS
     from alexnet_fast.model.parallel.accounting import step_traffic
 
