@@ -26,7 +26,9 @@ The paper offers the FC layers' input two ways, and both are here:
                                on. The same bytes as (a) (n broadcasts and n reduces move what one
                                all-gather and one reduce-scatter move), the exchange off the
                                critical path except for the first share's, at the price of n FC
-                               products of b rows instead of one of B.
+                               products of b rows instead of one of B: n passes over the FC weights
+                               and n weight gradients summed (slower than (a) on CPU ranks:
+                               benchmarks/RESULTS.md).
 Unlike the paper's (b), the forward of every share precedes the backward of any (the loss is the
 training loop's, on the whole batch), and the FC weight gradients of the n shares are summed into
 one update: the step equals one device's, as under (a).
