@@ -15,6 +15,7 @@ spread over more images).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -180,10 +181,14 @@ PIPELINED_KEY = "fc input rows"     # hybrid-pipelined: each rank's rows travel 
 
 
 def activation_bytes(precision: str) -> int:
-    """Bytes of an exchanged activation under a resolved precision: autocast's bf16/fp16 outputs, or fp32."""
-    return 2 if precision in ("bf16", "fp16") else 4
+    """Bytes of an exchanged activation under a resolved precision: autocast's output dtype, or fp32."""
+    from alexnet_fast.model.runtime import AUTOCAST_DTYPES
+
+    dtype = AUTOCAST_DTYPES[precision]
+    return 4 if dtype is None else dtype.itemsize
 
 
+@functools.lru_cache(maxsize=None)        # layer_flops builds the network: ~0.8 s a call
 def fc_share(arch: str, num_classes: int) -> float:
     """The FC layers' share of a step's FLOPs (model/flops.py): what hybrid-pipelined's row
     transfers can hide under (each rank computes its neurons for all B rows: b images' worth)."""
@@ -203,6 +208,13 @@ def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes:
     each rank's FC weights and n weight gradients accumulated per step (on CPU ranks 40-70% slower
     steps than hybrid, benchmarks/RESULTS.md; on a GPU about the size of its predicted gain). None
     where the scheme cannot run (columns on an odd GPU count, or on a network without columns)."""
+    predicted = _scheme_prediction(inputs, parallel, arch, num_classes, gpus)
+    return None if predicted is None else predicted[0]
+
+
+def _scheme_prediction(inputs: ScalingInputs, parallel: str, arch: str, num_classes: int,
+                       gpus: int) -> tuple[Prediction, float] | None:
+    """predict_scheme's prediction and the bytes each GPU sends per step it rests on."""
     from alexnet_fast.model.config import COLUMN_ARCHS
     from alexnet_fast.model.parallel.accounting import step_traffic
 
@@ -231,24 +243,21 @@ def predict_scheme(inputs: ScalingInputs, parallel: str, arch: str, num_classes:
         per_gpu_images, bound = inputs.loader_img_per_s * readers / gpus, "loader"
         step = inputs.batch / inputs.loader_img_per_s
     single = inputs.batch / inputs.step_seconds
-    return Prediction(parallel, gpus, inputs.batch, compute * 1e3, comm * 1e3, step * 1e3,
-                      gpus * per_gpu_images, per_gpu_images / single, bound)
+    return (Prediction(parallel, gpus, inputs.batch, compute * 1e3, comm * 1e3, step * 1e3,
+                       gpus * per_gpu_images, per_gpu_images / single, bound), traffic.sent_bytes)
 
 
 def scheme_table(inputs: ScalingInputs, arch: str, num_classes: int = 1000,
                  gpu_counts: tuple[int, ...] = SCHEME_GPU_COUNTS) -> list[dict]:
     """One row per (GPUs, scheme) that can run; the bytes each GPU sends per step with it."""
     from alexnet_fast.model.parallel import PARALLEL_NAMES
-    from alexnet_fast.model.parallel.accounting import step_traffic
 
     rows = []
     for gpus in gpu_counts:
         for parallel in PARALLEL_NAMES:
-            p = predict_scheme(inputs, parallel, arch, num_classes, gpus)
-            if p is not None:
-                readers = gpus // 2 if parallel == "columns" else gpus
-                sent = step_traffic(parallel, arch, num_classes, inputs.batch * readers, gpus,
-                                    inputs.activation_bytes).sent_bytes
+            predicted = _scheme_prediction(inputs, parallel, arch, num_classes, gpus)
+            if predicted is not None:
+                p, sent = predicted
                 rows.append({**p.as_dict(), "sent_mb_per_gpu": sent / 1e6})
     return rows
 
