@@ -112,7 +112,6 @@ def main() -> None:
                   help="also run FFCV with our glibc heap tuning")
     def cli(data, json_path, batch_size, workers, peers, layouts, dtype, seconds, min_batches, rounds, warmup, cpus,
             ours_json, variants, ffcv_venv, beton, ffcv_tuned):
-        from alexnet_fast.pipeline.loaders import default_loader_workers
         from alexnet_fast.pipeline.shardset import ShardSet, ShardSetError
 
         try:

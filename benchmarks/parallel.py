@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,12 +99,14 @@ def main() -> None:
         report["load_before"] = Path("/proc/loadavg").read_text().split()[:3]
         report["timed"] = {}
         for ranks in args.ranks:
-            out = Path(f"/tmp/alexnet-fast-parallel-bench-{os.getpid()}-{ranks}.json")
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            str(ranks), __file__, "--worker", str(args.batch), str(args.steps), str(out)],
-                           check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            timed = json.loads(out.read_text())
-            out.unlink()
+            # a folder of its own for the ranks' results and for torchrun's log folder, which the
+            # launcher never removes (TMPDIR)
+            with tempfile.TemporaryDirectory(prefix="alexnet-fast-parallel-bench-") as tmp:
+                out = Path(tmp) / "timed.json"
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                str(ranks), __file__, "--worker", str(args.batch), str(args.steps), str(out)],
+                               check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp})
+                timed = json.loads(out.read_text())
             report["timed"][ranks] = timed
             for scheme, r in timed.items():
                 median = sorted(r["step_s"])[len(r["step_s"]) // 2]

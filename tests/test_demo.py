@@ -25,7 +25,6 @@ pytestmark = pytest.mark.slow
 DEMO_FLOOR_TOP1 = 0.95
 
 
-@pytest.mark.slow
 def test_the_demo_learns_steadily_past_its_floor_keeps_its_outputs_and_its_next_commands_run(tmp_path, capsys):
     """`alexnet-fast demo` as a newcomer runs it (its full CPU size, ~2 min on a quiet 2-core
     machine): the loss is below log(classes) from the first epoch, val top-1 never falls back
@@ -48,6 +47,7 @@ def test_the_demo_learns_steadily_past_its_floor_keeps_its_outputs_and_its_next_
     assert all(later >= earlier - 0.05 for earlier, later in zip(top1, top1[1:])), top1   # no fall back
     assert top1[-1] >= DEMO_FLOOR_TOP1, top1
     assert all(0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in epochs)
+    assert all(r["val_images"] == DEMO_CPU.classes * DEMO_CPU.val_per_class for r in epochs)   # every val image
     assert steps and all(r["loss"] > 0 and r["img_per_s"] > 0 for r in steps + epochs)
     summary = [line for line in text.splitlines() if line.startswith("demo: ")]
     assert len(summary) == 1 and "train img/s on cpu" in summary[0], summary

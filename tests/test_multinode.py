@@ -198,7 +198,6 @@ def runs(tmp_path_factory, shard_set, wait_for_step) -> dict:
             "stop_codes": stop_codes, "stop_s": stop_s, "resumed": resumed}
 
 
-@pytest.mark.slow
 def test_replicas_on_both_nodes_are_bitwise_equal(runs):
     saved = torch.load(runs["root"] / "straight" / "last.pt", map_location="cpu", weights_only=False)
     assert saved["step"] == STEPS
@@ -207,7 +206,6 @@ def test_replicas_on_both_nodes_are_bitwise_equal(runs):
     assert reported["rank0.sha256"] == reported["rank1.sha256"] == runs["shim"].weights_digest(saved["model"])
 
 
-@pytest.mark.slow
 def test_rank_zero_alone_writes_the_run_directory_and_prints(runs):
     run = runs["root"] / "straight"
     assert {p.name for p in run.iterdir()} == RUN_FILES
@@ -221,7 +219,6 @@ def test_rank_zero_alone_writes_the_run_directory_and_prints(runs):
     assert (run / ".alexnet-fast.lock").read_text() == ""     # released: it names nobody
 
 
-@pytest.mark.slow
 def test_sigterm_to_both_agents_writes_a_checkpoint_and_resume_continues_exactly(runs):
     run = runs["root"] / "resumed"
     # torchrun's agents end on SIGTERM by raising (exit 1, their own traceback); only one killed by
@@ -244,7 +241,6 @@ def test_sigterm_to_both_agents_writes_a_checkpoint_and_resume_continues_exactly
     assert runs["shim"].weights_digest(final["model"]) == runs["shim"].weights_digest(straight["model"])
 
 
-@pytest.mark.slow
 def test_eval_across_nodes_counts_every_val_image_once(runs, shard_set):
     args = ["eval", "--data", str(shard_set), "--checkpoint", str(runs["root"] / "straight"), "--device", "cpu",
             "--batch-size", "4", "--workers", "1", "--json"]
@@ -275,7 +271,6 @@ def _workers_by_rank(nodes: list[Node]) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_on_both_nodes_in_one_line(shard_set, tmp_path, wait_for_step):
     run = tmp_path / "run"
     nodes = start_two_nodes(tmp_path / "logs", CLI, ["train", "--data", str(shard_set), *SMALL,

@@ -90,7 +90,6 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2] + [(4, c) for c in CASES_4])
 def test_split_network_equals_one_device(runs, world, case):
     ranks, single = runs[world], _single(case)
@@ -115,7 +114,6 @@ def test_split_network_equals_one_device(runs, world, case):
         assert rank[case]["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2 + CASES_BF16] + [(4, c) for c in CASES_4])
 def test_counted_traffic_equals_the_accounting(runs, world, case):
     """The bytes rank 0 passed to collectives in a step, counted at the calls, equal the accounting

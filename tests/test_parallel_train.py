@@ -35,7 +35,6 @@ def _check_checkpoint(saved: dict) -> None:
     optimizer.load_state_dict(saved["optimizer"])
 
 
-@pytest.mark.slow
 def test_train_stops_and_resumes_across_parallel_schemes(shard_set, tmp_path, wait_for_step):
     run = tmp_path / "run"
     flags = ["--data", str(shard_set), "--out", str(run), "--device", "cpu", "--nproc", "2", "--arch",

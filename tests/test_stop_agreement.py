@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from alexnet_fast.model.config import TrainConfig
-from alexnet_fast.model.loop import Engine, LoopHooks, Outcome, StopAgreement, TrainState, train_one_epoch
+from alexnet_fast.model.loop import Engine, LoopHooks, StopAgreement, TrainState, train_one_epoch
 from alexnet_fast.model.optim import make_optimizer
 
 

@@ -53,7 +53,6 @@ def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("schedule,stop", CASES, ids=[f"{s}-{p}" for s, p in CASES])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(schedule, stop, train_set, train_set_without_val,
                                                                tmp_path):

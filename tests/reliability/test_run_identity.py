@@ -96,7 +96,6 @@ def test_resume_refuses_what_does_not_fit_the_checkpoint_before_touching_run(dat
     assert line.startswith("alexnet-fast: error: ") and line.endswith("or train into another --out")
 
 
-@pytest.mark.slow
 def test_allow_other_data_continues_on_the_other_shard_set(sets, trained_run, tmp_path):
     """The flag the refusal names does what it says: the run goes on from its checkpoint on the
     other shard set, and its next checkpoint records that set."""
@@ -173,7 +172,6 @@ def test_data_pointing_at_a_raw_tree_suggests_an_out_beside_it(sets, tmp_path):
     assert "shards RAW" not in line
 
 
-@pytest.mark.slow
 def test_ctrl_c_to_a_two_process_run_is_one_line(sets, tmp_path, wait_for_step):
     """SIGINT to the whole process group (what Ctrl-C does): the launcher and both workers get it,
     the launcher passes SIGTERM on as well. One line says so, naming SIGINT and the checkpoint
@@ -201,7 +199,6 @@ def test_ctrl_c_to_a_two_process_run_is_one_line(sets, tmp_path, wait_for_step):
 
 
 
-@pytest.mark.slow
 def test_a_run_error_after_its_progress_bar_is_a_line_of_its_own(sets, tmp_path):
     """A run that fails once its progress bar is drawn (an lr that makes the loss inf at step 2)
     prints its error as a whole line: split at newlines only, not after the bar's carriage returns

@@ -90,7 +90,6 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_one(skip_run, tmp_pat
     assert not [p.name for p in copy.iterdir() if ".tmp" in p.name]
 
 
-@pytest.mark.slow
 def test_a_failed_checkpoint_write_ends_a_two_process_run_naming_rank_0(train_set, tmp_path):
     """2 gloo processes; rank 0's checkpoint write at step 2 fails (the file-size limit: EFBIG, as a
     full disk fails it) while rank 1 would go on to step 3: the run ends (within the 300 s guard,
