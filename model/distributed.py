@@ -21,6 +21,15 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose. Its functions take `group=group.WORLD` as
+# a default argument, evaluated when the module is first imported; torch.optim imports torch._dynamo,
+# which imports it, so a trainer that joined its group first (every rank: the optimizer is built
+# after `setup`) had its world group captured there. `destroy_process_group` then freed nothing:
+# gloo's threads lived on into interpreter shutdown, where the group's late destructor sometimes
+# aborted the process after a clean run ("terminate called without an active exception", SIGABRT).
+# Imported first, the defaults are None. tests/test_stop_agreement.py checks no gloo thread outlives
+# `teardown`.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 
 

@@ -2,11 +2,15 @@
 over a real 2-process gloo group; and the optimizer the trainer builds on a GPU is torch's fused SGD."""
 from __future__ import annotations
 
+import faulthandler
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from alexnet_fast.model import distributed as D
 from alexnet_fast.model.config import TrainConfig
 from alexnet_fast.model.loop import Engine, LoopHooks, StopAgreement, TrainState, train_one_epoch
 from alexnet_fast.model.optim import make_optimizer
@@ -33,7 +37,13 @@ def _epoch(agreement: StopAgreement, steps: int, requested) -> tuple[str, int, b
     return result.outcome.value, state.step, result.stop_after
 
 
+def _threads() -> list[str]:
+    """The names of this process's threads (Linux)."""
+    return sorted(path.read_text().strip() for path in Path("/proc/self/task").glob("*/comm"))
+
+
 def _rank(rank: int, store_path: str, out: dict) -> None:
+    faulthandler.enable(all_threads=True)      # an abort prints where each thread was
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     for every, request_at, steps in SCENARIOS:
         agreement = StopAgreement(torch.device("cpu"), every)
@@ -47,7 +57,10 @@ def _rank(rank: int, store_path: str, out: dict) -> None:
     out[(rank, "reused")] = (answers, agreement.flag.data_ptr() == where)
     agreement.drain()           # the last check's all-reduce is still in flight (as the trainer drains it)
     dist.barrier()              # neither process leaves while the other still talks to it
-    dist.destroy_process_group()
+    D.teardown()
+    # the group is really gone: no gloo thread lives on into interpreter shutdown (a group kept
+    # alive by a captured reference was destroyed there, late, and sometimes aborted the process)
+    out[(rank, "threads")] = [name for name in _threads() if "gloo" in name]
 
 
 def test_ranks_stop_at_the_same_step_one_check_after_the_request(tmp_path):
@@ -67,6 +80,7 @@ def test_ranks_stop_at_the_same_step_one_check_after_the_request(tmp_path):
         # the same device flag every check, and the answers of a reused flag are still right:
         # rank 1's request at the 3rd check is the agreed answer at the 4th, on both ranks
         assert out[(rank, "reused")] == ([False, False, False, True, False], True)
+        assert out[(rank, "threads")] == [], out[(rank, "threads")]
 
 
 def test_one_process_checks_every_step_whatever_the_interval():
