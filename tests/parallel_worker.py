@@ -1,7 +1,7 @@
 """One rank of tests/test_parallel.py's runs (started by torchrun): for each case, the network
 split per its scheme takes `steps` SGD steps on its share of fixed global batches; the rank saves
 its logits, its gradients and the traffic of the first step, then the gathered full weights and
-full optimizer state. A case is scheme:arch:input size:global batch:steps[:precision]."""
+full optimizer state, a file per case (`case_file`). A case is scheme:arch:input size:global batch:steps[:precision]."""
 import sys
 
 import torch
@@ -30,6 +30,11 @@ def network(arch: str) -> torch.nn.Module:
 
 def optimizer_config() -> TrainConfig:
     return TrainConfig(lr=0.01, weight_decay=5e-4, momentum=0.9)
+
+
+def case_file(rank: int, index: int) -> str:
+    """Where rank `rank` saves the record of its `index`-th case."""
+    return f"rank{rank}-case{index}.pt"
 
 
 def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int, precision: str = "fp32") -> dict:
@@ -61,9 +66,10 @@ def run_case(ctx, scheme: str, arch: str, size: int, batch: int, steps: int, pre
 if __name__ == "__main__":
     out, cases = sys.argv[1], sys.argv[2:]
     ctx = D.setup("cpu")
-    results = {}
-    for case in cases:
+    for index, case in enumerate(cases):
         scheme, arch, size, batch, steps, *precision = case.split(":")
-        results[case] = run_case(ctx, scheme, arch, int(size), int(batch), int(steps), *precision)
-    torch.save(results, f"{out}/rank{ctx.rank}.pt")
+        # a file per case, written at once: a case's record is ~0.7 GB (alexnet-owt's gradients,
+        # weights and momentum), and holding every case until the end took ~4 GB per rank
+        torch.save(run_case(ctx, scheme, arch, int(size), int(batch), int(steps), *precision),
+                   f"{out}/{case_file(ctx.rank, index)}")
     D.teardown()
