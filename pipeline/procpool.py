@@ -6,8 +6,10 @@ import multiprocessing.pool
 import os
 import signal
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1        # from <linux/prctl.h>
+TERMINATE_WAIT_S = 5.0      # a pool's terminate takes well under a second when nothing is stuck
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -42,10 +44,34 @@ def _init_worker(parent_pid: int) -> None:
     _die_with_parent(parent_pid)
 
 
+class _Pool(multiprocessing.pool.Pool):
+    """A Pool whose terminate() (also its `with` exit) always returns.
+
+    Pool.terminate SIGTERMs the workers, then waits for its task-handler thread, which must first
+    send a last message on the result queue. A worker ended while it was sending a result (the pool
+    stopped by an error or Ctrl-C while results still flowed) dies holding that queue's lock, which
+    no one then releases: the wait never ended (seen once in make_shards under the suite's two
+    workers, 2026-12-03; tests/test_procpool.py makes it happen on purpose). So the usual terminate
+    runs on a helper thread; if it is not done in TERMINATE_WAIT_S, the workers are SIGKILLed and
+    the caller goes on, leaving the stuck helper threads (daemons) behind."""
+
+    def terminate(self) -> None:
+        ending = threading.Thread(target=super().terminate, name="pool-terminate", daemon=True)
+        ending.start()
+        ending.join(TERMINATE_WAIT_S)
+        if ending.is_alive():
+            workers = [worker for worker in list(self._pool) if worker.exitcode is None]
+            for worker in workers:
+                worker.kill()
+            for worker in workers:
+                worker.join(TERMINATE_WAIT_S)
+
+
 def fork_pool(processes: int) -> multiprocessing.pool.Pool:
     """A fork-started Pool (workers need only what the parent already imported) whose workers have
     the default SIGTERM/SIGINT behaviour and, on Linux, die with the parent.
 
     Create it from the thread that will keep it (the main thread here): the kernel's parent-death
     signal fires when the *thread* that forked the worker exits, not only the process."""
-    return multiprocessing.get_context("fork").Pool(processes, initializer=_init_worker, initargs=(os.getpid(),))
+    return _Pool(processes, initializer=_init_worker, initargs=(os.getpid(),),
+                 context=multiprocessing.get_context("fork"))

@@ -78,3 +78,46 @@ def session_temp_dir(tmp_path_factory):
         else:
             os.environ["TMPDIR"] = saved_env
         shutil.rmtree(path, ignore_errors=True)
+
+
+
+# How the README's test command (`pytest -n 2`, pytest-xdist) shares the suite between its two
+# worker processes. Each file runs whole on one worker, so its module-scoped fixtures (shard sets,
+# torchrun runs) are built once, as with `--dist loadfile`. The files that start four ranks or a Ray
+# cluster form one unit: two of them at once on a 24 GB machine left ~3 GB free. Units are handed
+# out in this order, each to the worker that frees up first, so the longest go first and the short
+# files fill in at the end (started last, the 4-minute demo would run alone while the other idled).
+MEMORY_HEAVY = ("test_parallel.py", "test_parallel_train.py", "test_multinode.py", "test_make_shards_ray.py")
+LONGEST_FIRST = ("memory-heavy", "test_demo.py", "test_resume_is_the_same_run.py", "test_training_faults.py",
+                 "test_run_lock.py", "test_eval.py", "test_damaged_shards.py", "test_train_resume.py",
+                 "test_profile.py", "test_recipes.py")
+
+
+def _unit(path: str) -> str:
+    """The scheduling unit of a test file (its path relative to the root)."""
+    return "memory-heavy" if Path(path).name in MEMORY_HEAVY else path
+
+
+@pytest.hookimpl(optionalhook=True)     # called by pytest-xdist only (`-n`)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        """--dist loadfile, with the memory-heavy files as one unit. (Not xdist_group marks and
+        --dist loadgroup: pytest 9.2 derives a nodeid from its parts, and xdist 3.8's renaming of
+        nodeids by group no longer takes, so every test went out on its own.)"""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False      # keep the collection order below, not biggest-first
+    return FileUnits(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item: pytest.Item) -> int:
+        unit = _unit(str(item.path.relative_to(item.config.rootpath)))
+        key = unit if unit == "memory-heavy" else item.path.name
+        return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)                # stable: within a rank, the collection order

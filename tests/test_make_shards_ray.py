@@ -80,7 +80,10 @@ def ray_cluster(tmp_path_factory):
     def setup_hook() -> None:  # Ray wants a named function, not a partial
         _kill_first_armed_tar_rename(str(control))
 
-    ray.init(num_cpus=2, logging_level=logging.ERROR, runtime_env={"worker_process_setup_hook": setup_hook})
+    # a 256 MB object store, not Ray's default 30% of RAM: these shard sets are a few MB, and the suite
+    # runs other multi-process tests beside this one (README: `pytest -n 2`)
+    ray.init(num_cpus=2, object_store_memory=256 * 2**20, logging_level=logging.ERROR,
+             runtime_env={"worker_process_setup_hook": setup_hook})
     try:
         yield ray.get_runtime_context().gcs_address, control
     finally:

@@ -63,3 +63,28 @@ def test_pool_results_and_worker_signals_are_unchanged():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert handlers == [signal.SIG_DFL] * 2
+
+
+# A stopped pool whose result queue's lock a dead worker still holds: a worker killed while it was
+# sending a result. Run in a process of its own, so that a hang fails this test, not the suite.
+STUCK = """
+import multiprocessing, threading, time
+from alexnet_fast.pipeline.procpool import TERMINATE_WAIT_S, fork_pool
+pool = fork_pool(2)
+assert pool.map(abs, [-1, -2]) == [1, 2]
+holder = multiprocessing.get_context("fork").Process(target=pool._outqueue._wlock.acquire)
+holder.start(); holder.join()               # took the lock and exited holding it
+workers = list(pool._pool)
+started = time.monotonic()
+pool.terminate()
+print(round(time.monotonic() - started, 1), TERMINATE_WAIT_S, sum(w.is_alive() for w in workers), flush=True)
+"""
+
+
+def test_a_pool_stops_even_when_a_dead_worker_holds_its_result_lock():
+    """multiprocessing's own terminate waits forever here (its task handler cannot send its last
+    message); fork_pool's gives up after TERMINATE_WAIT_S and kills the workers."""
+    proc = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    took, wait, alive = proc.stdout.split()
+    assert float(took) >= float(wait) - 0.5 and int(alive) == 0, proc.stdout
