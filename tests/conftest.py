@@ -80,7 +80,6 @@ def session_temp_dir(tmp_path_factory):
         shutil.rmtree(path, ignore_errors=True)
 
 
-
 # How the README's test command (`pytest -n 2`, pytest-xdist) shares the suite between its two
 # worker processes. Each file runs whole on one worker, so its module-scoped fixtures (shard sets,
 # torchrun runs) are built once, as with `--dist loadfile`. The files that start four ranks or a Ray
@@ -116,8 +115,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     def rank(item: pytest.Item) -> int:
-        unit = _unit(str(item.path.relative_to(item.config.rootpath)))
-        key = unit if unit == "memory-heavy" else item.path.name
+        key = "memory-heavy" if item.path.name in MEMORY_HEAVY else item.path.name
         return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)                # stable: within a rank, the collection order

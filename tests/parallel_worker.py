@@ -1,7 +1,8 @@
 """One rank of tests/test_parallel.py's runs (started by torchrun): for each case, the network
 split per its scheme takes `steps` SGD steps on its share of fixed global batches; the rank saves
 its logits, its gradients and the traffic of the first step, then the gathered full weights and
-full optimizer state, a file per case (`case_file`). A case is scheme:arch:input size:global batch:steps[:precision]."""
+full optimizer state, a file per case (`case_file`). A case is
+scheme:arch:input size:global batch:steps[:precision]."""
 import sys
 
 import torch

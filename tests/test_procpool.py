@@ -68,7 +68,7 @@ def test_pool_results_and_worker_signals_are_unchanged():
 # A stopped pool whose result queue's lock a dead worker still holds: a worker killed while it was
 # sending a result. Run in a process of its own, so that a hang fails this test, not the suite.
 STUCK = """
-import multiprocessing, threading, time
+import multiprocessing, time
 from alexnet_fast.pipeline.procpool import TERMINATE_WAIT_S, fork_pool
 pool = fork_pool(2)
 assert pool.map(abs, [-1, -2]) == [1, 2]
