@@ -86,15 +86,21 @@ def session_temp_dir(tmp_path_factory):
 # cluster form one unit: two of them at once on a 24 GB machine left ~3 GB free. Units are handed
 # out in this order, each to the worker that frees up first, so the longest go first and the short
 # files fill in at the end (started last, the 4-minute demo would run alone while the other idled).
+# The resume file's cases share only session fixtures and take ~1 min each: each is a unit of its
+# own, so its ~4 minutes are shared between the workers instead of ending one worker's run late.
 MEMORY_HEAVY = ("test_parallel.py", "test_parallel_train.py", "test_multinode.py", "test_make_shards_ray.py")
 LONGEST_FIRST = ("memory-heavy", "test_demo.py", "test_resume_is_the_same_run.py", "test_training_faults.py",
                  "test_run_lock.py", "test_eval.py", "test_damaged_shards.py", "test_train_resume.py",
                  "test_profile.py", "test_recipes.py")
+PER_TEST_UNITS = ("test_resume_is_the_same_run.py",)
 
 
-def _unit(path: str) -> str:
-    """The scheduling unit of a test file (its path relative to the root)."""
-    return "memory-heavy" if Path(path).name in MEMORY_HEAVY else path
+def _unit(nodeid: str) -> str:
+    """The scheduling unit of a test (its nodeid: the path relative to the root, then `::` names)."""
+    path = nodeid.split("::", 1)[0]
+    if Path(path).name in MEMORY_HEAVY:
+        return "memory-heavy"
+    return nodeid if Path(path).name in PER_TEST_UNITS else path
 
 
 @pytest.hookimpl(optionalhook=True)     # called by pytest-xdist only (`-n`)
@@ -102,12 +108,13 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class FileUnits(LoadScopeScheduling):
-        """--dist loadfile, with the memory-heavy files as one unit. (Not xdist_group marks and
-        --dist loadgroup: pytest 9.2 derives a nodeid from its parts, and xdist 3.8's renaming of
-        nodeids by group no longer takes, so every test went out on its own.)"""
+        """--dist loadfile, with the memory-heavy files as one unit and PER_TEST_UNITS split per
+        test. (Not xdist_group marks and --dist loadgroup: pytest 9.2 derives a nodeid from its
+        parts, and xdist 3.8's renaming of nodeids by group no longer takes, so every test went
+        out on its own.)"""
 
         def _split_scope(self, nodeid: str) -> str:
-            return _unit(nodeid.split("::", 1)[0])
+            return _unit(nodeid)
 
     config.option.loadscopereorder = False      # keep the collection order below, not biggest-first
     return FileUnits(config, log)
