@@ -30,6 +30,19 @@ and a path that leaves DALI's CPU decode and crop_mirror_normalize (`fused_*` be
                   still in cache): crop, mirror, lighting and normalize into the batch, NHWC
     fused-chw     the same writing CHW
 
+With `--peer ffcv`, FFCV 1.0.2 (benchmarks/ffcv_loader.py, its own venv) in the same windows, stock
+and with our glibc heap tuning (`-tuned`):
+
+    ffcv          FFCV's closest CPU-only pipeline to ours, NHWC float32 (loaders.py's `ffcv-nhwc`)
+    ffcv-feed     the CPU half of FFCV's stock GPU pipeline: decode, crop, flip, uint8 NHWC (what its
+                  ToDevice copies; it normalizes on the GPU)
+
+`decode` is, in the same terms, the CPU half of our `--decode cpu`: the reader and the CPU decoder on
+the 227 window, uint8 HWC, the rest of the graph (mirror, lighting, normalize) on the GPU. So
+`decode` against `ffcv-feed` is what each stack's CPU cores spend per image to feed a GPU, and
+`graph`/`fused` against `ffcv` what they spend when the CPU does everything. `decode-fast` is
+`decode` with libjpeg-turbo's fast integer IDCT, the DCT FFCV decodes with (LoaderSpec.fast_idct).
+
 `--check` first compares the fused path's output with the train graph's for the same samples and
 draws (max |difference|, normalized units): the decoders are the same library with the same IDCT,
 so only float rounding may differ.
@@ -49,9 +62,12 @@ sys.path.insert(0, str(HERE))
 from nhwc_bound import _setup, require_shard_set, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
 from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
-DALI_STAGES = ("read", "decode", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
+DALI_STAGES = ("read", "decode", "decode-fast", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
 FUSED_STAGES = ("draws", "turbo", "fused", "fused-chw")
 CONTENDERS = DALI_STAGES + FUSED_STAGES
+FFCV_CONTENDERS = {"ffcv": ("float32", False), "ffcv-tuned": ("float32", True), "ffcv-feed": ("uint8", False),
+                   "ffcv-feed-tuned": ("uint8", True)}        # name: (dtype, our heap tuning)
+NOT_CUMULATIVE = ("decode-fast", "lighting-chw", "draws", "fused-chw", *FFCV_CONTENDERS)
 BATCH = 64
 
 
@@ -172,8 +188,8 @@ def _stage_graph(name: str, dp, reader, stats):
     if name == "read":
         return jpg, label
     crop_x, crop_y, mirror = dp.random_window()
-    images = dp.decode(jpg, dp.DecodeConfig(roi=True), (227, crop_x, crop_y))
-    if name == "decode":
+    images = dp.decode(jpg, dp.DecodeConfig(roi=True, fast_idct=name == "decode-fast"), (227, crop_x, crop_y))
+    if name in ("decode", "decode-fast"):
         return images, label
     out = dp.OutputConfig(channels_last=name != "lighting-chw")
     mean = types.Constant(np.float32(stats.mean_255))
@@ -206,6 +222,29 @@ def _batches(name: str, data: str, threads: int):
     while True:
         pipe.run()
         yield BATCH
+
+
+def check_decode_stages(data: str, batches: int = 2) -> dict:
+    """max |stage - train graph| in 0..255 levels between the decoded 227 windows of `decode` and
+    `decode-fast` and the train graph's own decoded windows, same seed (the same draws: the
+    operators are created in the same order). `decode` is the CPU half of `--decode cpu` only if
+    it hands out exactly what the train graph decodes."""
+    from nvidia.dali import pipeline_def
+
+    dp, reader, stats = _setup(data)
+    graphs = {"train": lambda: train_window(dp, reader, stats, dp.OutputConfig(channels_last=True))[5],
+              "decode": lambda: _stage_graph("decode", dp, reader, stats)[0],
+              "decode-fast": lambda: _stage_graph("decode-fast", dp, reader, stats)[0]}
+    pipes = {name: pipeline_def(graph)(batch_size=BATCH, num_threads=1, device_id=None, seed=3)
+             for name, graph in graphs.items()}
+    worst = {"decode": 0, "decode-fast": 0}
+    for pipe in pipes.values():
+        pipe.build()
+    for _ in range(batches):
+        windows = {name: np.asarray(pipe.run()[0].as_tensor()).astype(int) for name, pipe in pipes.items()}
+        for name in worst:
+            worst[name] = max(worst[name], int(np.abs(windows[name] - windows["train"]).max()))
+    return worst
 
 
 def check_fused(data: str, batches: int = 2) -> dict:
@@ -249,10 +288,42 @@ def check_fused(data: str, batches: int = 2) -> dict:
 
 
 # -- the parent -------------------------------------------------------------------------------------
+# (ours, FFCV's): the CPU half of feeding a GPU, and the CPU doing everything
+PAIRS = {"feed-gpu": (("decode", "decode-fast"), "ffcv-feed"), "cpu-only": (("graph", "loader", "fused"), "ffcv")}
+
+
+def _versus_ffcv(contenders: dict) -> dict:
+    """For each PAIRS mode measured: our best contender against FFCV stock and tuned, in img/s and
+    in CPU-ms per image (FFCV's / ours: above 1 means ours spends less)."""
+    out = {}
+    for mode, (ours, theirs) in PAIRS.items():
+        measured = [n for n in ours if n in contenders]
+        if not measured or theirs not in contenders:
+            continue
+        best = max(measured, key=lambda n: contenders[n]["img_per_s"])
+        mine = contenders[best]
+        entry = {"ours": best, "img_per_s": mine["img_per_s"], "cpu_ms_per_img": mine["cpu_ms_per_img"]}
+        for peer in (theirs, f"{theirs}-tuned"):
+            if peer in contenders:
+                entry[peer] = {"img_per_s_ratio": mine["img_per_s"] / contenders[peer]["img_per_s"],
+                               "cpu_ms_ratio": contenders[peer]["cpu_ms_per_img"] / mine["cpu_ms_per_img"]}
+        out[mode] = entry
+    return out
+
+
+def _versus_lines(versus: dict) -> list[str]:
+    lines = []
+    for mode, entry in versus.items():
+        peers = "; ".join(f"{r['img_per_s_ratio']:.2f}x {peer} in img/s, {r['cpu_ms_ratio']:.2f}x in CPU-ms"
+                          for peer, r in entry.items() if isinstance(r, dict))
+        lines.append(f"{mode}: ours best = {entry['ours']} ({entry['cpu_ms_per_img']:.3f} CPU-ms/img): {peers}")
+    return lines
+
+
 def main() -> None:
     import click
 
-    from loaders import _ours_argv
+    from loaders import _ffcv_argv, _ours_argv
 
     @click.command()
     @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="shard set directory")
@@ -264,9 +335,17 @@ def main() -> None:
     @click.option("--warmup", type=int, default=10, show_default=True, help="batches before the first window")
     @click.option("--check/--no-check", default=True, show_default=True,
                   help="first compare the fused path's output with the train graph's")
+    @click.option("--peer", "peers", type=click.Choice(["ffcv"]), multiple=True,
+                  help="also FFCV's contenders (ffcv, ffcv-tuned, ffcv-feed, ffcv-feed-tuned)")
+    @click.option("--ffcv-venv", type=click.Path(file_okay=False), default=str(HERE.parent / ".ffcv-venv"),
+                  show_default=True, help="made by benchmarks/ffcv_setup.sh")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
-    def cli(data, names, seconds, min_batches, rounds, warmup, check, json_path):
+    def cli(data, names, seconds, min_batches, rounds, warmup, check, peers, ffcv_venv, json_path):
         require_shard_set(data)
+        beton = Path(f"{str(data).rstrip('/')}.train.beton")
+        if "ffcv" in peers and not ((Path(ffcv_venv) / "READY").exists() and beton.exists()):
+            raise click.UsageError(f"--peer ffcv needs {ffcv_venv} (benchmarks/ffcv_setup.sh) and {beton} "
+                                   f"(benchmarks/loaders.py --peer ffcv writes it)")
         cores = os.sched_getaffinity(0)
         threads = len(cores)
         results = {"config": {"data": str(data), "batch_size": BATCH, "threads": threads, "cpus": sorted(cores),
@@ -280,6 +359,9 @@ def main() -> None:
         plan = [(n, _ours_argv(loader, warmup) if n == "loader" else
                  [sys.executable, str(Path(__file__).resolve()), "--serve", n, str(data), str(threads), str(warmup)])
                 for n in (names or CONTENDERS)]
+        if "ffcv" in peers:
+            plan += [(name, _ffcv_argv(Path(ffcv_venv), beton, Path(data), "nhwc", tuned, BATCH, threads, dtype, warmup))
+                     for name, (dtype, tuned) in FFCV_CONTENDERS.items()]
         results["contenders"] = run_contenders(plan, cores, rounds, WindowRule(seconds, min_batches),
                                                log=lambda line: print(line, flush=True))
         results["load_avg_1m_after"] = os.getloadavg()[0]
@@ -287,12 +369,14 @@ def main() -> None:
               f"{results['load_avg_1m_after']:.1f}")
         previous = None
         for name, s in results["contenders"].items():
-            step = "" if previous is None or name in ("lighting-chw", "draws", "fused-chw") else \
-                f"  (+{s['cpu_ms_per_img'] - previous:.3f})"
-            print(f"{name:>14}: {s['cpu_ms_per_img']:.3f} CPU-ms/img{step}  {s['img_per_s']:8.1f} img/s "
+            step = "" if previous is None or name in NOT_CUMULATIVE else f"  (+{s['cpu_ms_per_img'] - previous:.3f})"
+            print(f"{name:>15}: {s['cpu_ms_per_img']:.3f} CPU-ms/img{step}  {s['img_per_s']:8.1f} img/s "
                   f"({s['min']:.0f}-{s['max']:.0f})")
-            if name not in ("lighting-chw", "fused-chw"):
+            if name not in NOT_CUMULATIVE or name == "draws":
                 previous = s["cpu_ms_per_img"]
+        results["vs_ffcv"] = _versus_ffcv(results["contenders"])
+        for line in _versus_lines(results["vs_ffcv"]):
+            print(line)
         if json_path:
             Path(json_path).write_text(json.dumps(results, indent=2))
 

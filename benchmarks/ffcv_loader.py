@@ -14,7 +14,10 @@ serve: FFCV's closest pipeline to ours, as a window_harness contender. Decoder:
 its crop is then exactly 227x227 at a uniform random position of the 256x256 image, and its resize
 227 -> 227 changes no pixel: an unscaled 227 window, like ours. Then RandomHorizontalFlip,
 NormalizeImage (before ToTensor: after ToTorchImage it hangs in Loader(), FFCV issue 396), ToTensor,
-ToTorchImage (layout nhwc: its stock channels_last view; nchw: its contiguous copy). FFCV's JPEG
+ToTorchImage (layout nhwc: its stock channels_last view; nchw: its contiguous copy). With --dtype
+uint8, the CPU half of FFCV's stock GPU pipeline (its ImageNet example: decoder, flip, ToTensor, then
+ToDevice, ToTorchImage and NormalizeImage on the GPU): no NormalizeImage, and ToTorchImage's
+channels_last view on the host, so the batch is what ToDevice would copy. FFCV's JPEG
 decode is libjpeg-turbo with TJFLAG_FASTDCT (its stock). No PCA lighting (FFCV has none; ours
 folds it into normalize's mean at no cost). --tuned applies the glibc heap tuning our loader's
 process gets (pipeline/host.py keep_batch_buffers_mapped) to this process.
@@ -108,9 +111,9 @@ def make_loader(args):
     mean, std = np.array(stats["mean"]) * 255, np.array(stats["std"]) * 255
     side = args.image_size
     scale = (CROP * CROP) / (side * side)
+    normalize = [] if args.dtype == "uint8" else [NormalizeImage(mean, std, np.dtype(args.dtype).type)]
     image = [RandomResizedCropRGBImageDecoder((CROP, CROP), scale=(scale, scale), ratio=(1.0, 1.0)),
-             RandomHorizontalFlip(), NormalizeImage(mean, std, np.dtype(args.dtype).type), ToTensor(),
-             ToTorchImage(channels_last=args.layout == "nhwc")]
+             RandomHorizontalFlip(), *normalize, ToTensor(), ToTorchImage(channels_last=args.layout == "nhwc")]
     return Loader(str(args.beton), batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM,
                   os_cache=True, drop_last=True, seed=0, custom_fields={"image": RGBImageField},
                   pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]})
@@ -142,7 +145,8 @@ def main() -> None:
     s.add_argument("--layout", choices=["nchw", "nhwc"], default="nhwc")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    s.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32",
+                   help="uint8: no NormalizeImage (the CPU half of FFCV's GPU pipeline)")
     s.add_argument("--warmup", type=int, default=20)
     s.add_argument("--tuned", action="store_true", help="our process's glibc heap tuning (pipeline/host.py)")
     args = parser.parse_args()

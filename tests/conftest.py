@@ -6,11 +6,21 @@ test reads the same real shards. Other helpers may append fixtures at the end of
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+# Under `pytest -n N` (pytest-xdist) the machine's cores are shared between N workers: each worker's
+# torch, and every process it starts, gets its share as OpenMP threads, as the product gives each
+# rank its share (model/distributed.py). Set before torch is imported (the imports below import it).
+# At torch's default (every core per process) two workers on 2 cores ran two concurrent training
+# runs in 21-25 s; with one thread each, 18 s (2026-12-03).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 from alexnet_fast.tools.sample_data import RawTree, SampleSpec, ValFormat, write_raw_imagenet
 from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards

@@ -127,3 +127,25 @@ def test_the_cpu_floors_fused_path_gives_the_train_graphs_values_exactly(shard_s
 
     worst = check_fused(str(shard_set), batches=2)
     assert worst["decode_levels"] == 0 and worst["hwc"] <= 1e-6 and worst["chw"] <= 1e-6, worst
+
+
+def test_the_cpu_floors_decode_stage_is_what_the_train_graph_decodes(shard_set):
+    """cpu_floor's `decode` stands for the CPU half of `--decode cpu` (what the CPU does before the
+    copy to the GPU) only if it decodes exactly the train graph's windows for the same draws;
+    `decode-fast` (fast IDCT, FFCV's stock DCT) stays within the fast IDCT's stated bound."""
+    from cpu_floor import check_decode_stages
+
+    from alexnet_fast.pipeline.loader_spec import FAST_IDCT_MAX_LEVELS
+
+    worst = check_decode_stages(str(shard_set), batches=2)
+    assert worst["decode"] == 0 and 0 < worst["decode-fast"] <= FAST_IDCT_MAX_LEVELS, worst
+
+
+def test_the_cpu_floor_benchmark_refuses_ffcv_without_its_venv_in_one_line(shard_set, tmp_path):
+    import subprocess
+
+    floor = BOUND.with_name("cpu_floor.py")
+    run = subprocess.run([sys.executable, str(floor), "--data", str(shard_set), "--peer", "ffcv", "--ffcv-venv",
+                          str(tmp_path / "no-venv")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "ffcv_setup.sh" in run.stderr.strip().splitlines()[-1]
