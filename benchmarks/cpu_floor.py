@@ -59,7 +59,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from nhwc_bound import _setup, require_shard_set, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
+from nhwc_bound import _setup, require_ffcv, require_shard_set, train_window  # noqa: E402  (the same shard set, reader, statistics, graph)
 from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E402  (stdlib only)
 
 DALI_STAGES = ("read", "decode", "decode-fast", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
@@ -342,10 +342,7 @@ def main() -> None:
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
     def cli(data, names, seconds, min_batches, rounds, warmup, check, peers, ffcv_venv, json_path):
         require_shard_set(data)
-        beton = Path(f"{str(data).rstrip('/')}.train.beton")
-        if "ffcv" in peers and not ((Path(ffcv_venv) / "READY").exists() and beton.exists()):
-            raise click.UsageError(f"--peer ffcv needs {ffcv_venv} (benchmarks/ffcv_setup.sh) and {beton} "
-                                   f"(benchmarks/loaders.py --peer ffcv writes it)")
+        beton = require_ffcv(data, ffcv_venv) if "ffcv" in peers else None
         cores = os.sched_getaffinity(0)
         threads = len(cores)
         results = {"config": {"data": str(data), "batch_size": BATCH, "threads": threads, "cpus": sorted(cores),

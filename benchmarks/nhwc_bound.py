@@ -58,6 +58,17 @@ def _setup(data: str):
     return dp, reader, ColorStats.from_dict(shard_set.stats())
 
 
+def require_ffcv(data: str, venv: str) -> Path:
+    """The .beton FFCV reads for `data`, or one usage line when it or FFCV's venv is missing."""
+    import click
+
+    beton = Path(f"{str(data).rstrip('/')}.train.beton")
+    if not ((Path(venv) / "READY").exists() and beton.exists()):
+        raise click.UsageError(f"--peer ffcv needs {venv} (benchmarks/ffcv_setup.sh) and {beton} "
+                               f"(benchmarks/loaders.py --peer ffcv writes it)")
+    return beton
+
+
 def require_shard_set(data: str) -> None:
     """A folder that is no shard set (or has no stats.json) is one usage line, before any child starts."""
     import click
@@ -247,10 +258,7 @@ def main() -> None:
         require_shard_set(data)
         cores = os.sched_getaffinity(0)
         threads = len(cores)
-        beton = Path(f"{str(data).rstrip('/')}.train.beton")
-        if "ffcv" in peers and not ((Path(ffcv_venv) / "READY").exists() and beton.exists()):
-            raise click.UsageError(f"--peer ffcv needs {ffcv_venv} (benchmarks/ffcv_setup.sh) and {beton} "
-                                   f"(benchmarks/loaders.py --peer ffcv writes it)")
+        beton = require_ffcv(data, ffcv_venv) if "ffcv" in peers else None
         numba_vs_dali = None
         if "train-numba" in (names or CONTENDERS):
             numba_vs_dali = check_numba_normalize(data)
