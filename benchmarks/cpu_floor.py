@@ -36,6 +36,8 @@ and with our glibc heap tuning (`-tuned`):
     ffcv          FFCV's closest CPU-only pipeline to ours, NHWC float32 (loaders.py's `ffcv-nhwc`)
     ffcv-feed     the CPU half of FFCV's stock GPU pipeline: decode, crop, flip, uint8 NHWC (what its
                   ToDevice copies; it normalizes on the GPU)
+    ffcv-feed-whole  FFCV's cheapest feed: SimpleRGBImageDecoder, the whole 256 image decoded and
+                  nothing else (uint8; the GPU would crop and flip)
 
 `decode` is, in the same terms, the CPU half of our `--decode cpu`: the reader and the CPU decoder on
 the 227 window, uint8 HWC, the rest of the graph (mirror, lighting, normalize) on the GPU. So
@@ -65,8 +67,10 @@ from window_harness import WindowRule, run_contenders, serve_or_run  # noqa: E40
 DALI_STAGES = ("read", "decode", "decode-fast", "normalize", "mirror", "lighting", "lighting-chw", "graph", "graph-ckpt", "loader")
 FUSED_STAGES = ("draws", "turbo", "fused", "fused-chw")
 CONTENDERS = DALI_STAGES + FUSED_STAGES
-FFCV_CONTENDERS = {"ffcv": ("float32", False), "ffcv-tuned": ("float32", True), "ffcv-feed": ("uint8", False),
-                   "ffcv-feed-tuned": ("uint8", True)}        # name: (dtype, our heap tuning)
+FFCV_CONTENDERS = {"ffcv": ("float32", False, "crop"), "ffcv-tuned": ("float32", True, "crop"),
+                   "ffcv-feed": ("uint8", False, "crop"), "ffcv-feed-tuned": ("uint8", True, "crop"),
+                   "ffcv-feed-whole": ("uint8", False, "whole"), "ffcv-feed-whole-tuned": ("uint8", True, "whole")}
+# name: (dtype, our heap tuning, FFCV decoder: crop = its crop decoder + flip, whole = decode only)
 NOT_CUMULATIVE = ("decode-fast", "lighting-chw", "draws", "fused-chw", *FFCV_CONTENDERS)
 BATCH = 64
 
@@ -289,24 +293,29 @@ def check_fused(data: str, batches: int = 2) -> dict:
 
 # -- the parent -------------------------------------------------------------------------------------
 # (ours, FFCV's): the CPU half of feeding a GPU, and the CPU doing everything
-PAIRS = {"feed-gpu": (("decode", "decode-fast"), "ffcv-feed"), "cpu-only": (("graph", "loader", "fused"), "ffcv")}
+PAIRS = {"feed-gpu": (("decode", "decode-fast"), ("ffcv-feed", "ffcv-feed-whole")),
+         "cpu-only": (("graph", "loader", "fused"), ("ffcv",))}
 
 
 def _versus_ffcv(contenders: dict) -> dict:
-    """For each PAIRS mode measured: our best contender against FFCV stock and tuned, in img/s and
-    in CPU-ms per image (FFCV's / ours: above 1 means ours spends less)."""
+    """For each PAIRS mode measured: our best contender against FFCV's best, stock and tuned, in
+    img/s and in CPU-ms per image (FFCV's / ours: above 1 means ours spends less)."""
+    def best(names):
+        measured = [n for n in names if n in contenders]
+        return max(measured, key=lambda n: contenders[n]["img_per_s"]) if measured else None
+
     out = {}
     for mode, (ours, theirs) in PAIRS.items():
-        measured = [n for n in ours if n in contenders]
-        if not measured or theirs not in contenders:
+        mine = best(ours)
+        if mine is None:
             continue
-        best = max(measured, key=lambda n: contenders[n]["img_per_s"])
-        mine = contenders[best]
-        entry = {"ours": best, "img_per_s": mine["img_per_s"], "cpu_ms_per_img": mine["cpu_ms_per_img"]}
-        for peer in (theirs, f"{theirs}-tuned"):
-            if peer in contenders:
-                entry[peer] = {"img_per_s_ratio": mine["img_per_s"] / contenders[peer]["img_per_s"],
-                               "cpu_ms_ratio": contenders[peer]["cpu_ms_per_img"] / mine["cpu_ms_per_img"]}
+        entry = {"ours": mine, "img_per_s": contenders[mine]["img_per_s"],
+                 "cpu_ms_per_img": contenders[mine]["cpu_ms_per_img"]}
+        for tuning, suffix in (("stock", ""), ("tuned", "-tuned")):
+            peer = best([f"{name}{suffix}" for name in theirs])
+            if peer is not None:
+                entry[tuning] = {"ffcv": peer, "img_per_s_ratio": entry["img_per_s"] / contenders[peer]["img_per_s"],
+                                 "cpu_ms_ratio": contenders[peer]["cpu_ms_per_img"] / entry["cpu_ms_per_img"]}
         out[mode] = entry
     return out
 
@@ -314,8 +323,8 @@ def _versus_ffcv(contenders: dict) -> dict:
 def _versus_lines(versus: dict) -> list[str]:
     lines = []
     for mode, entry in versus.items():
-        peers = "; ".join(f"{r['img_per_s_ratio']:.2f}x {peer} in img/s, {r['cpu_ms_ratio']:.2f}x in CPU-ms"
-                          for peer, r in entry.items() if isinstance(r, dict))
+        peers = "; ".join(f"{r['img_per_s_ratio']:.2f}x FFCV {tuning} at its best ({r['ffcv']}) in img/s, "
+                          f"{r['cpu_ms_ratio']:.2f}x in CPU-ms" for tuning, r in entry.items() if isinstance(r, dict))
         lines.append(f"{mode}: ours best = {entry['ours']} ({entry['cpu_ms_per_img']:.3f} CPU-ms/img): {peers}")
     return lines
 
@@ -336,7 +345,7 @@ def main() -> None:
     @click.option("--check/--no-check", default=True, show_default=True,
                   help="first compare the fused path's output with the train graph's")
     @click.option("--peer", "peers", type=click.Choice(["ffcv"]), multiple=True,
-                  help="also FFCV's contenders (ffcv, ffcv-tuned, ffcv-feed, ffcv-feed-tuned)")
+                  help="also FFCV's contenders (FFCV_CONTENDERS: ffcv, ffcv-feed, ffcv-feed-whole, each also -tuned)")
     @click.option("--ffcv-venv", type=click.Path(file_okay=False), default=str(HERE.parent / ".ffcv-venv"),
                   show_default=True, help="made by benchmarks/ffcv_setup.sh")
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results here")
@@ -357,8 +366,8 @@ def main() -> None:
                  [sys.executable, str(Path(__file__).resolve()), "--serve", n, str(data), str(threads), str(warmup)])
                 for n in (names or CONTENDERS)]
         if "ffcv" in peers:
-            plan += [(name, _ffcv_argv(Path(ffcv_venv), beton, Path(data), "nhwc", tuned, BATCH, threads, dtype, warmup))
-                     for name, (dtype, tuned) in FFCV_CONTENDERS.items()]
+            plan += [(name, _ffcv_argv(Path(ffcv_venv), beton, Path(data), "nhwc", tuned, BATCH, threads, dtype, warmup,
+                                       decoder)) for name, (dtype, tuned, decoder) in FFCV_CONTENDERS.items()]
         results["contenders"] = run_contenders(plan, cores, rounds, WindowRule(seconds, min_batches),
                                                log=lambda line: print(line, flush=True))
         results["load_avg_1m_after"] = os.getloadavg()[0]

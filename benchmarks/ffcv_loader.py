@@ -17,7 +17,9 @@ NormalizeImage (before ToTensor: after ToTorchImage it hangs in Loader(), FFCV i
 ToTorchImage (layout nhwc: its stock channels_last view; nchw: its contiguous copy). With --dtype
 uint8, the CPU half of FFCV's stock GPU pipeline (its ImageNet example: decoder, flip, ToTensor, then
 ToDevice, ToTorchImage and NormalizeImage on the GPU): no NormalizeImage, and ToTorchImage's
-channels_last view on the host, so the batch is what ToDevice would copy. FFCV's JPEG
+channels_last view on the host, so the batch is what ToDevice would copy; with --decoder whole,
+FFCV's cheapest feed: SimpleRGBImageDecoder (the whole stored image, decoded, nothing else), the
+crop and flip left to the GPU. FFCV's JPEG
 decode is libjpeg-turbo with TJFLAG_FASTDCT (its stock). No PCA lighting (FFCV has none; ours
 folds it into normalize's mean at no cost). --tuned applies the glibc heap tuning our loader's
 process gets (pipeline/host.py keep_batch_buffers_mapped) to this process.
@@ -103,7 +105,7 @@ def write(data: Path, beton: Path) -> None:
 def make_loader(args):
     import numpy as np
     from ffcv.fields import RGBImageField
-    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
@@ -112,8 +114,11 @@ def make_loader(args):
     side = args.image_size
     scale = (CROP * CROP) / (side * side)
     normalize = [] if args.dtype == "uint8" else [NormalizeImage(mean, std, np.dtype(args.dtype).type)]
-    image = [RandomResizedCropRGBImageDecoder((CROP, CROP), scale=(scale, scale), ratio=(1.0, 1.0)),
-             RandomHorizontalFlip(), *normalize, ToTensor(), ToTorchImage(channels_last=args.layout == "nhwc")]
+    if args.decoder == "whole":         # decode only: the GPU would crop and flip
+        image = [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage(channels_last=args.layout == "nhwc")]
+    else:
+        image = [RandomResizedCropRGBImageDecoder((CROP, CROP), scale=(scale, scale), ratio=(1.0, 1.0)),
+                 RandomHorizontalFlip(), *normalize, ToTensor(), ToTorchImage(channels_last=args.layout == "nhwc")]
     return Loader(str(args.beton), batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM,
                   os_cache=True, drop_last=True, seed=0, custom_fields={"image": RGBImageField},
                   pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]})
@@ -125,7 +130,8 @@ def batches(args):
     while True:
         for x, _ in loader:
             if not checked:       # the same output as every other contender, or no comparison
-                problem = output_problem(x.shape, x.stride(), str(x.dtype), args.layout, args.dtype)
+                side = args.image_size if args.decoder == "whole" else CROP
+                problem = output_problem(x.shape, x.stride(), str(x.dtype), args.layout, args.dtype, crop=side)
                 if problem:
                     raise SystemExit(f"ffcv: {problem}")
                 checked = True
@@ -147,6 +153,8 @@ def main() -> None:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--dtype", choices=["float32", "float16", "uint8"], default="float32",
                    help="uint8: no NormalizeImage (the CPU half of FFCV's GPU pipeline)")
+    s.add_argument("--decoder", choices=["crop", "whole"], default="crop",
+                   help="whole: SimpleRGBImageDecoder, the stored image decoded and nothing else (--dtype uint8)")
     s.add_argument("--warmup", type=int, default=20)
     s.add_argument("--tuned", action="store_true", help="our process's glibc heap tuning (pipeline/host.py)")
     args = parser.parse_args()

@@ -72,11 +72,11 @@ def _ours_argv(options: dict, warmup: int) -> list[str]:
 
 
 def _ffcv_argv(venv: Path, beton: Path, data: Path, layout: str, tuned: bool, batch_size: int, workers: int,
-               dtype: str, warmup: int) -> list[str]:
+               dtype: str, warmup: int, decoder: str = "crop") -> list[str]:
     size = json.loads((data / "manifest.json").read_text())["image"]["size"]
     return [str(venv / "bin" / "python"), str(HERE / "ffcv_loader.py"), "serve", "--beton", str(beton),
             "--stats", str(data / "stats.json"), "--image-size", str(size), "--layout", layout, "--batch-size", str(batch_size), "--workers", str(workers), "--dtype", dtype,
-            "--warmup", str(warmup), *(["--tuned"] if tuned else [])]
+            "--warmup", str(warmup), "--decoder", decoder, *(["--tuned"] if tuned else [])]
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from alexnet_fast.model.alexnet import ARCH_NAMES, INIT_NAMES, RAW_SCALE_INITS, resolve_init
 from alexnet_fast.model.parallel import PARALLEL_NAMES, Parallel
-from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, PRECISIONS
+from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, FAST_IDCT_HELP, PRECISIONS
 from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS, LOADER_KINDS, ON_CORRUPT_MODES
 
 # The paper's reference batch: lr values in the `fast` recipe are "per 128 images" and scale linearly
@@ -106,6 +106,7 @@ class TrainConfig:
     loader: str = _f("dali", "data loader", choices=LOADER_KINDS)
     workers: int = _f(0, "loader threads/workers per rank; 0 = the cores per rank (pipeline default)")
     decode: str = _f("gpu", DECODE_HELP, choices=DECODE_PLACEMENTS)
+    fast_idct: bool = _f(False, FAST_IDCT_HELP)
     lighting_std: float = _f(0.1, "PCA lighting alpha ~ N(0, std); 0 disables")
     normalize: str = _f("auto", "input: 'mean' subtracts the mean pixel only (the paper's centred raw RGB, "
                                 "0..255 scale), 'mean-std' also divides by the per-channel std; auto = mean for "

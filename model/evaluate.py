@@ -23,7 +23,7 @@ from torch import nn
 
 from alexnet_fast.model import distributed as D
 from alexnet_fast.model.errors import EvalError
-from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, autocast, memory_format
+from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, FAST_IDCT_HELP, autocast, memory_format
 from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS, LOADER_KINDS, ON_CORRUPT_MODES
 
 
@@ -128,6 +128,7 @@ class EvalConfig:
     loader: str = _f("dali", "data loader", choices=LOADER_KINDS)
     workers: int = _f(0, "loader threads/workers per rank; 0 = the cores per rank (pipeline default)", min=0)
     decode: str = _f("gpu", DECODE_HELP, choices=DECODE_PLACEMENTS)
+    fast_idct: bool = _f(False, FAST_IDCT_HELP)
     gpus: int = _f(0, "GPUs (one process each); 0 = every visible GPU", min=0)
     nproc: int = _f(1, "CPU mode: processes (gloo)", min=1)
     on_corrupt: str = _f("error", "a val image that does not decode: stop naming it, or skip it (and say how "
@@ -156,7 +157,7 @@ def val_loader_spec(cfg: EvalConfig, ctx: D.DistContext, scale_by_std: bool):
     return loader_spec("val", data=cfg.data, kind=cfg.loader, batch_size=cfg.batch_size // ctx.world_size, ctx=ctx,
                        precision=resolve_precision("auto", ctx.device.type), channels_last=ctx.device.type == "cuda",
                        scale_by_std=scale_by_std, on_corrupt=cfg.on_corrupt, workers=cfg.workers,
-                       ten_crop=cfg.ten_crop, decode=cfg.decode)
+                       ten_crop=cfg.ten_crop, decode=cfg.decode, fast_idct=cfg.fast_idct)
 
 
 def evaluate_rank(cfg: EvalConfig, ctx: D.DistContext) -> EvalRun:

@@ -32,6 +32,10 @@ DECODE_HELP = ("where a GPU run decodes JPEGs: gpu = the GPU's decoders (nvJPEG,
                "CPU decoder on the loader threads, then the same augmentation on the GPU (for a GPU that trains "
                "faster than it decodes; `alexnet-fast profile` says which the run needs); a CPU run decodes on "
                "the CPU either way")
+# --fast-idct's help, the same for train, eval and profile
+FAST_IDCT_HELP = ("DALI's CPU decoder (a CPU run, or --decode cpu) with libjpeg-turbo's fast integer IDCT, FFCV's "
+                  "stock DCT: pixels within 8 levels of the exact decode, ~10% less CPU per image on real photos "
+                  "(benchmarks/RESULTS.md); no effect on the GPU decoder")
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -95,11 +99,12 @@ def loader_workers(requested: int, ctx: "DistContext", decode: str = "gpu") -> i
 
 def loader_spec(split: str, *, data: str, kind: str, batch_size: int, ctx: "DistContext", precision: str,
                 channels_last: bool, scale_by_std: bool, on_corrupt: str, workers: int, seed: int = 0,
-                lighting_std: float = 0.1, ten_crop: bool = False, decode: str = "gpu") -> "LoaderSpec":
+                lighting_std: float = 0.1, ten_crop: bool = False, decode: str = "gpu",
+                fast_idct: bool = False) -> "LoaderSpec":
     """The loader spec of this rank, built the same way for train, eval and profile.
 
     `batch_size` is this rank's batch; `workers` 0 takes `loader_workers`' default; `decode`: where a
-    GPU run decodes (LoaderSpec.decode). Images come in the network's dtype and layout (`image_dtype`,
+    GPU run decodes (LoaderSpec.decode); `fast_idct`: the CPU decoder's IDCT (LoaderSpec.fast_idct). Images come in the network's dtype and layout (`image_dtype`,
     `channels_last`) on this rank's device (its index, not the local rank: the two differ when
     ranks share a GPU, as in tests/gpu/test_two_ranks_gpu.py); `borrow_buffers`: each consumer (a train step, an eval
     batch, a profiled step) is done with a batch before it asks for the next."""
@@ -110,5 +115,5 @@ def loader_spec(split: str, *, data: str, kind: str, batch_size: int, ctx: "Dist
         device=ctx.device.type, device_id=ctx.device.index or 0, seed=seed, workers=loader_workers(workers, ctx, decode),
         dtype=image_dtype(ctx.device.type, precision), channels_last=channels_last, ten_crop=ten_crop,
         lighting_std=lighting_std, scale_by_std=scale_by_std,
-        on_corrupt=on_corrupt, borrow_buffers=True, decode=decode,
+        on_corrupt=on_corrupt, borrow_buffers=True, decode=decode, fast_idct=fast_idct,
     )

@@ -242,7 +242,8 @@ def load_data(cfg: TrainConfig, ctx: D.DistContext, shards: ShardSet, per_rank_b
                            ctx=data_ctx if split == "train" else ctx,
                            precision=precision, channels_last=cfg.channels_last, scale_by_std=cfg.scale_by_std,
                            on_corrupt=cfg.on_corrupt, workers=cfg.workers, seed=cfg.seed,
-                           lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val", decode=cfg.decode)
+                           lighting_std=cfg.lighting_std, ten_crop=cfg.ten_crop and split == "val", decode=cfg.decode,
+                           fast_idct=cfg.fast_idct)
     try:
         train = make_loader(spec("train"), shards)
         val = make_loader(spec("val"), shards) if shards.has_split("val") else None

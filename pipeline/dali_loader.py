@@ -119,6 +119,7 @@ class DaliLoader:
                 "seed": s.seed, "crop": s.crop, "lighting_std": s.lighting_std, "shuffle_buffer": s.shuffle_buffer,
                 "decode_roi": s.decode_roi,     # another graph: its checkpoint would not fit
                 "gpu_decoder": s.decodes_on_gpu,   # another decoder: other pixels
+                "fast_idct": s.fast_idct and not s.decodes_on_gpu,     # another IDCT: other pixels
                 "shards": [s.tar.name for s in self.shard_set.shards(s.split)]}
 
     def __iter__(self):

@@ -123,6 +123,45 @@ def test_the_flag_reaches_the_loader_of_train_eval_and_profile(shard_set):
             _parsed(command, ["--decode", "other"])
 
 
+def test_fast_idct_reaches_the_loader_of_train_eval_and_profile(shard_set):
+    """`--fast-idct` (DALI's own fast IDCT option on the CPU decoder) from each command's options to
+    the loader spec it builds; off unless asked for."""
+    from alexnet_fast.model.evaluate import EvalConfig, val_loader_spec
+    from alexnet_fast.model.train import load_data
+    from alexnet_fast.pipeline.shardset import ShardSet
+    from alexnet_fast.tools.cmd_eval import eval_command
+    from alexnet_fast.tools.cmd_profile import profile_command
+    from alexnet_fast.tools.cmd_train import config_from_flags, train_command
+
+    for asked in (True, False):
+        flags = ["--data", shard_set, "--device", "cpu", *(["--fast-idct"] if asked else [])]
+        train = config_from_flags(None, _parsed(train_command, [*flags, "--batch-size", 8]))
+        loaders = load_data(train, CPU, ShardSet.open(shard_set), 8, "fp32")
+        assert [loader.spec.fast_idct for loader in loaders] == [asked, asked]
+        assert decode_config(loaders[0].spec).fast_idct is asked
+
+        values = _parsed(eval_command, [*flags, "--checkpoint", "unused.pt"])
+        values.pop("as_json")
+        assert val_loader_spec(EvalConfig(**values), CPU, scale_by_std=True).fast_idct is asked
+
+        values = _parsed(profile_command, flags)
+        profile = ProfileConfig(**{k: values[k] for k in ("data", "device", "fast_idct")}).resolved()
+        assert train_loader_spec(profile, "dali").fast_idct is asked
+
+
+def test_a_dali_state_taken_with_the_other_idct_is_not_restored(shard_set):
+    """The fast IDCT gives other pixels, so a mid-epoch DALI checkpoint taken with the exact one is
+    not restored into a loader with the fast one (and back): the loader replays the epoch instead."""
+    exact = make_loader(LoaderSpec(data=str(shard_set), batch_size=8, workers=1, seed=5))
+    exact.set_epoch(0)
+    batches = iter(exact)
+    next(batches)
+    state = exact.state_dict()
+    for fast_idct, restored in ((True, False), (False, True)):
+        loader = make_loader(LoaderSpec(data=str(shard_set), batch_size=8, workers=1, seed=5, fast_idct=fast_idct))
+        assert loader.resume(0, 1, state) is restored
+
+
 def _stage(img_per_s: float) -> StageResult:
     return StageResult(img_per_s, [img_per_s], 1)
 

@@ -20,7 +20,7 @@ import torch
 
 from alexnet_fast.model.alexnet import ARCH_NAMES
 from alexnet_fast.model.distributed import DistContext, resolve_device
-from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, PRECISIONS, image_dtype, loader_workers, resolve_precision
+from alexnet_fast.model.runtime import DECODE_HELP, DEVICES, FAST_IDCT_HELP, PRECISIONS, image_dtype, loader_workers, resolve_precision
 from alexnet_fast.pipeline.loader_spec import DECODE_PLACEMENTS
 from alexnet_fast.tools.profile_timing import TimingPlan
 
@@ -75,6 +75,7 @@ class ProfileConfig:
                          "(model.runtime.loader_workers)", min=0)
     decode: str = _f("gpu", DECODE_HELP + "; on a GPU the decode stage is also measured at the other "
                             "placement, to say which one the run needs", choices=DECODE_PLACEMENTS)
+    fast_idct: bool = _f(False, FAST_IDCT_HELP)
     channels_last: bool = _f(True, "channels-last memory format, as train")
     num_classes: int = IMAGENET_CLASSES
     compile: bool = _f(False, "torch.compile the network for the model and end_to_end stages (as train "

@@ -73,7 +73,7 @@ def trainer_config(cfg: ProfileConfig, loader: str = "dali") -> TrainConfig:
     return TrainConfig(data="" if cfg.data is None else str(cfg.data), arch=cfg.arch, num_classes=cfg.num_classes,
                        batch_size=cfg.batch_size, loader=loader, workers=cfg.workers, device=cfg.device,
                        precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                       decode=cfg.decode)
+                       decode=cfg.decode, fast_idct=cfg.fast_idct)
 
 
 def train_loader_spec(cfg: ProfileConfig, kind: str):
@@ -83,7 +83,8 @@ def train_loader_spec(cfg: ProfileConfig, kind: str):
     return loader_spec("train", data=train.data, kind=train.loader, batch_size=train.batch_size, ctx=cfg.context,
                        precision=cfg.resolved_precision, channels_last=train.channels_last,
                        scale_by_std=train.scale_by_std, on_corrupt=train.on_corrupt, workers=train.workers,
-                       seed=train.seed, lighting_std=train.lighting_std, decode=train.decode)
+                       seed=train.seed, lighting_std=train.lighting_std, decode=train.decode,
+                       fast_idct=train.fast_idct)
 
 
 def make_train_loader(cfg: ProfileConfig, kind: str, shard_set):
