@@ -104,10 +104,11 @@ def loader_spec(split: str, *, data: str, kind: str, batch_size: int, ctx: "Dist
     """The loader spec of this rank, built the same way for train, eval and profile.
 
     `batch_size` is this rank's batch; `workers` 0 takes `loader_workers`' default; `decode`: where a
-    GPU run decodes (LoaderSpec.decode); `fast_idct`: the CPU decoder's IDCT (LoaderSpec.fast_idct). Images come in the network's dtype and layout (`image_dtype`,
-    `channels_last`) on this rank's device (its index, not the local rank: the two differ when
-    ranks share a GPU, as in tests/gpu/test_two_ranks_gpu.py); `borrow_buffers`: each consumer (a train step, an eval
-    batch, a profiled step) is done with a batch before it asks for the next."""
+    GPU run decodes (LoaderSpec.decode); `fast_idct`: the CPU decoder's IDCT (LoaderSpec.fast_idct).
+    Images come in the network's dtype and layout (`image_dtype`, `channels_last`) on this rank's
+    device (its index, not the local rank: the two differ when ranks share a GPU, as in
+    tests/gpu/test_two_ranks_gpu.py); `borrow_buffers`: each consumer (a train step, an eval batch, a
+    profiled step) is done with a batch before it asks for the next."""
     from alexnet_fast.pipeline.loader_spec import LoaderSpec
 
     return LoaderSpec(

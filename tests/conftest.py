@@ -15,7 +15,7 @@ import pytest
 
 # Under `pytest -n N` (pytest-xdist) the machine's cores are shared between N workers: each worker's
 # torch, and every process it starts, gets its share as OpenMP threads, as the product gives each
-# rank its share (model/distributed.py). Set before torch is imported (the imports below import it).
+# rank its share (model/distributed.py). Set here, before any test imports torch (torch reads it then).
 # At torch's default (every core per process) two workers on 2 cores ran two concurrent training
 # runs in 21-25 s; with one thread each, 18 s (2026-12-03).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
