@@ -34,8 +34,8 @@ DECODE_HELP = ("where a GPU run decodes JPEGs: gpu = the GPU's decoders (nvJPEG,
                "the CPU either way")
 # --fast-idct's help, the same for train, eval and profile
 FAST_IDCT_HELP = ("DALI's CPU decoder (a CPU run, or --decode cpu) with libjpeg-turbo's fast integer IDCT, FFCV's "
-                  "stock DCT: pixels within 8 levels of the exact decode, 9-14% less CPU per decoded image on "
-                  "real photos (benchmarks/RESULTS.md); no effect on the GPU decoder")
+                  "stock DCT: pixels within 8 levels of the exact decode; on real photos 0-14% less CPU per decoded "
+                  "image (benchmarks/RESULTS.md); no effect on the GPU decoder")
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
