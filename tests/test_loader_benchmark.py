@@ -149,3 +149,43 @@ def test_the_cpu_floor_benchmark_refuses_ffcv_without_its_venv_in_one_line(shard
                           str(tmp_path / "no-venv")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "ffcv_setup.sh" in run.stderr.strip().splitlines()[-1]
+
+
+# -- benchmarks/photo_tree.py: real photos named <wnid>_*.JPEG become a raw tree make_shards reads --
+def test_photo_tree_lists_each_photo_copies_times_and_make_shards_reads_it(tmp_path):
+    import json
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    names = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "not_a_class.JPEG"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), np.uint8)).save(photos / name, quality=90)
+    raw = tmp_path / "raw"
+    run = subprocess.run([sys.executable, str(BOUND.with_name("photo_tree.py")), str(photos), str(raw), "--copies", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "6 samples (2 photos x 3) in 2 classes" in run.stdout and "left out 1" in run.stdout
+    tench = sorted((raw / "train" / "n01440764").iterdir())
+    assert [p.name for p in tench] == [f"n01440764_tench_{k}.JPEG" for k in range(3)]
+    assert all(p.read_bytes() == (photos / names[0]).read_bytes() for p in tench)
+
+    out = tmp_path / "shards"
+    make_shards(raw, out, ShardOptions(per_shard=4), workers=1, progress=False, log=lambda msg: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["n01440764", "n01443537"] and manifest["splits"]["train"]["samples"] == 6
+
+
+def test_photo_tree_refuses_a_folder_without_photos_in_one_line(tmp_path):
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(BOUND.with_name("photo_tree.py")), str(tmp_path), str(tmp_path / "raw")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "no photo named" in run.stderr.strip().splitlines()[-1]
