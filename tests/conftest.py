@@ -18,9 +18,10 @@ import pytest
 # rank its share (model/distributed.py). Set here, before any test imports torch (torch reads it then).
 # At torch's default (every core per process) two workers on 2 cores ran two concurrent training
 # runs in 21-25 s; with one thread each, 18 s (2026-12-03).
+# The cores this process may run on (a container's cpuset), not the host's count.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 from alexnet_fast.tools.sample_data import RawTree, SampleSpec, ValFormat, write_raw_imagenet
 from alexnet_fast.tools.sharding.driver import ShardOptions, make_shards
