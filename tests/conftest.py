@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-# Under `pytest -n N` (pytest-xdist) the machine's cores are shared between N workers: each worker's
-# torch, and every process it starts, gets its share as OpenMP threads, as the product gives each
-# rank its share (model/distributed.py). Set here, before any test imports torch (torch reads it then).
-# At torch's default (every core per process) two workers on 2 cores ran two concurrent training
-# runs in 21-25 s; with one thread each, 18 s (2026-12-03).
-# The cores this process may run on (a container's cpuset), not the host's count.
+# Under `pytest -n N` (pytest-xdist) the cores this process may run on (a container's cpuset, not
+# the host's count) are shared between N workers: each worker's torch, and every process it starts,
+# gets its share as OpenMP threads, as the product gives each rank its share (model/distributed.py).
+# Set here, before any test imports torch (torch reads it then). At torch's default (every core per
+# process) two workers on 2 cores ran two concurrent training runs in 21-25 s; with one thread each,
+# 18 s (2026-12-03).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -106,12 +106,18 @@ LONGEST_FIRST = ("memory-heavy", "test_demo.py", "test_resume_is_the_same_run.py
 PER_TEST_UNITS = ("test_resume_is_the_same_run.py",)
 
 
+def _group(file_name: str) -> str:
+    """The name a test file is scheduled and ordered by: "memory-heavy" for those files, else its own."""
+    return "memory-heavy" if file_name in MEMORY_HEAVY else file_name
+
+
 def _unit(nodeid: str) -> str:
     """The scheduling unit of a test (its nodeid: the path relative to the root, then `::` names)."""
     path = nodeid.split("::", 1)[0]
-    if Path(path).name in MEMORY_HEAVY:
-        return "memory-heavy"
-    return nodeid if Path(path).name in PER_TEST_UNITS else path
+    name = Path(path).name
+    if name in PER_TEST_UNITS:
+        return nodeid
+    return path if _group(name) == name else _group(name)
 
 
 @pytest.hookimpl(optionalhook=True)     # called by pytest-xdist only (`-n`)
@@ -133,7 +139,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     def rank(item: pytest.Item) -> int:
-        key = "memory-heavy" if item.path.name in MEMORY_HEAVY else item.path.name
+        key = _group(item.path.name)
         return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)                # stable: within a rank, the collection order

@@ -96,7 +96,10 @@ def _parsed(command, args: list[str]) -> dict:
     return command.make_context(command.name, [str(a) for a in args]).params
 
 
-def test_the_flag_reaches_the_loader_of_train_eval_and_profile(shard_set):
+def _commands_specs(shard_set, flags: list, profile_keys: tuple) -> tuple[list, object, object, ProfileConfig]:
+    """The loader specs train (train and val), eval and profile build from `flags` (the real
+    options, through each command's own config): (train's specs, eval's spec, profile's train
+    spec, the resolved ProfileConfig, built from `profile_keys` of profile's options)."""
     from alexnet_fast.model.evaluate import EvalConfig, val_loader_spec
     from alexnet_fast.model.train import load_data
     from alexnet_fast.pipeline.shardset import ShardSet
@@ -104,18 +107,26 @@ def test_the_flag_reaches_the_loader_of_train_eval_and_profile(shard_set):
     from alexnet_fast.tools.cmd_profile import profile_command
     from alexnet_fast.tools.cmd_train import config_from_flags, train_command
 
-    flags = ["--data", shard_set, "--decode", "cpu", "--device", "cpu"]
     train = config_from_flags(None, _parsed(train_command, [*flags, "--batch-size", 8]))
-    loaders = load_data(train, CPU, ShardSet.open(shard_set), 8, "fp32")
-    assert [loader.spec.decode for loader in loaders] == ["cpu", "cpu"]
-
+    train_specs = [loader.spec for loader in load_data(train, CPU, ShardSet.open(shard_set), 8, "fp32")]
     values = _parsed(eval_command, [*flags, "--checkpoint", "unused.pt"])
     values.pop("as_json")
-    assert val_loader_spec(EvalConfig(**values), CPU, scale_by_std=True).decode == "cpu"
-
+    eval_spec = val_loader_spec(EvalConfig(**values), CPU, scale_by_std=True)
     values = _parsed(profile_command, flags)
-    profile = ProfileConfig(**{k: values[k] for k in ("data", "device", "decode")}).resolved()
-    assert train_loader_spec(profile, "dali").decode == "cpu" and profile.placements == ("cpu",)
+    profile = ProfileConfig(**{k: values[k] for k in ("data", "device", *profile_keys)}).resolved()
+    return train_specs, eval_spec, train_loader_spec(profile, "dali"), profile
+
+
+def test_the_flag_reaches_the_loader_of_train_eval_and_profile(shard_set):
+    from alexnet_fast.tools.cmd_eval import eval_command
+    from alexnet_fast.tools.cmd_profile import profile_command
+    from alexnet_fast.tools.cmd_train import train_command
+
+    train_specs, eval_spec, profile_spec, profile = _commands_specs(
+        shard_set, ["--data", shard_set, "--decode", "cpu", "--device", "cpu"], ("decode",))
+    assert [spec.decode for spec in train_specs] == ["cpu", "cpu"]
+    assert eval_spec.decode == "cpu"
+    assert profile_spec.decode == "cpu" and profile.placements == ("cpu",)
     for command in (train_command, eval_command, profile_command):
         assert _parsed(command, ["--data", shard_set, "--checkpoint", "x"] if command is eval_command
                        else ["--data", shard_set])["decode"] in ("gpu", None)     # train: None = the recipe's
@@ -126,27 +137,12 @@ def test_the_flag_reaches_the_loader_of_train_eval_and_profile(shard_set):
 def test_fast_idct_reaches_the_loader_of_train_eval_and_profile(shard_set):
     """`--fast-idct` (DALI's own fast IDCT option on the CPU decoder) from each command's options to
     the loader spec it builds; off unless asked for."""
-    from alexnet_fast.model.evaluate import EvalConfig, val_loader_spec
-    from alexnet_fast.model.train import load_data
-    from alexnet_fast.pipeline.shardset import ShardSet
-    from alexnet_fast.tools.cmd_eval import eval_command
-    from alexnet_fast.tools.cmd_profile import profile_command
-    from alexnet_fast.tools.cmd_train import config_from_flags, train_command
-
     for asked in (True, False):
         flags = ["--data", shard_set, "--device", "cpu", *(["--fast-idct"] if asked else [])]
-        train = config_from_flags(None, _parsed(train_command, [*flags, "--batch-size", 8]))
-        loaders = load_data(train, CPU, ShardSet.open(shard_set), 8, "fp32")
-        assert [loader.spec.fast_idct for loader in loaders] == [asked, asked]
-        assert decode_config(loaders[0].spec).fast_idct is asked
-
-        values = _parsed(eval_command, [*flags, "--checkpoint", "unused.pt"])
-        values.pop("as_json")
-        assert val_loader_spec(EvalConfig(**values), CPU, scale_by_std=True).fast_idct is asked
-
-        values = _parsed(profile_command, flags)
-        profile = ProfileConfig(**{k: values[k] for k in ("data", "device", "fast_idct")}).resolved()
-        assert train_loader_spec(profile, "dali").fast_idct is asked
+        train_specs, eval_spec, profile_spec, _ = _commands_specs(shard_set, flags, ("fast_idct",))
+        assert [spec.fast_idct for spec in train_specs] == [asked, asked]
+        assert decode_config(train_specs[0]).fast_idct is asked
+        assert eval_spec.fast_idct is asked and profile_spec.fast_idct is asked
 
 
 def test_a_dali_state_taken_with_the_other_idct_is_not_restored(shard_set):
