@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 
+from alexnet_fast.pipeline.host import long_lived_objects_frozen
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -84,7 +86,8 @@ def run_rank(worker: Callable[[Any, DistContext], Result], cfg: Any, device: str
                         "a process of this run ended before joining; its node's log says why")
         raise
     try:
-        return worker(cfg, ctx)
+        with long_lived_objects_frozen():   # a cheap per-epoch garbage collection: see there
+            return worker(cfg, ctx)
     except user_errors() as e:
         if ctx.is_distributed:
             # The other ranks may be waiting in a collective this rank will never join (a corrupt

@@ -1,10 +1,12 @@
-"""The host a loader runs on: how many CPU cores this process may use, and glibc's heap tuned for
-batch buffers (both loaders, every device)."""
+"""The host a loader runs on: how many CPU cores this process may use, glibc's heap tuned for
+batch buffers (both loaders, every device), and the per-epoch collection kept cheap."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
+from typing import Iterator
 
 
 def usable_cores() -> int:
@@ -63,3 +65,23 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the objects alive at entry (the modules of torch, DALI, matplotlib: ~355,000) out of
+    every garbage collection until exit (gc.freeze), then hand them back (gc.unfreeze).
+
+    `release_freed_memory` runs a full collection every epoch, and Python runs some of its own as a
+    run allocates. Each one walked every object the imports left: 0.20-0.25 s per collection, ~8%
+    of the CPU time of a short training process (perf, 2026-12-03); with them frozen a collection
+    walks only what the run made since (~0 s). Nothing frozen is lost: the objects are unfrozen at
+    exit, so garbage among them is collected then. A caller that froze objects itself keeps them
+    frozen (only the outermost use unfreezes)."""
+    outermost = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if outermost:
+            gc.unfreeze()

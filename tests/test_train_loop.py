@@ -3,15 +3,19 @@ tensors (no loader, no subprocess): fast and exact."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pickle
 import random
+import weakref
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 from alexnet_fast.model import checkpoint as ckpt
+from alexnet_fast.model import distributed as D
 from alexnet_fast.model.alexnet import build_model
 from alexnet_fast.model.config import ConfigError, TrainConfig, resolve_config
 from alexnet_fast.model.optim import make_optimizer, make_schedulers
@@ -167,6 +171,52 @@ def test_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
     (tmp_path / "last.prev.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
         ckpt.load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_is_written_without_zip_crcs_and_reads_back_exactly(tmp_path):
+    """Where torch can skip the zip format's per-record CRC-32 (>= 2.6) the checkpoint writer does
+    (torch.load never checks it; the sha256 digest is the check), and puts the switch back after."""
+    config = pytest.importorskip("torch.utils.serialization.config", reason="torch < 2.6 has no CRC switch")
+    weights = torch.arange(1 << 16, dtype=torch.float32)
+    ckpt.save_checkpoint({"model": {"w": weights}, "epoch": 0, "step": 1, "arch": "alexnet-owt", "num_classes": 4},
+                         tmp_path)
+    assert config.save.compute_crc32 is True                    # the process-wide default is back
+    with zipfile.ZipFile(tmp_path / "last.pt") as archive:
+        records = {info.filename.split("/", 1)[1]: info for info in archive.infolist()}
+    assert records["data/0"].file_size == weights.numel() * 4 and records["data/0"].CRC == 0
+    assert torch.equal(ckpt.read_checkpoint(tmp_path / "last.pt")["model"]["w"], weights)
+    torch.save({"w": weights}, tmp_path / "plain.pt")          # torch.save elsewhere: CRCs as before
+    with zipfile.ZipFile(tmp_path / "plain.pt") as archive:
+        assert all(info.CRC != 0 for info in archive.infolist() if info.filename.endswith("data/0"))
+
+
+def test_a_rank_runs_with_the_objects_alive_at_its_start_frozen_and_hands_them_back():
+    """run_rank freezes what is alive when the run starts (a per-epoch gc.collect then walks only
+    what the run made) and unfreezes it after: garbage among the frozen objects waits until then,
+    garbage the run makes is collected during it."""
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    before = Node()
+    before.cycle = before
+    before_ref = weakref.ref(before)
+
+    def worker(cfg, ctx):
+        nonlocal before
+        frozen, before = gc.get_freeze_count(), None          # a cycle alive at the start, dropped now
+        made = Node()
+        made.cycle = made
+        made_ref = weakref.ref(made)
+        del made
+        gc.collect()
+        return frozen, before_ref() is not None, made_ref() is None
+
+    frozen, kept_while_frozen, made_collected = D.run_rank(worker, None, "cpu")
+    assert frozen > 1000 and kept_while_frozen and made_collected
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert before_ref() is None
 
 
 def test_a_bad_last_pt_is_never_rotated_over_the_good_previous_one(tmp_path):
