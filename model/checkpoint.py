@@ -325,9 +325,26 @@ def _write_synced(obj: Any, tmp: Path) -> None:
                 raise
             fh.flush()
             os.fsync(fh.fileno())
+            _drop_from_page_cache(fh.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _drop_from_page_cache(fd: int) -> None:
+    """Hand a written, synced checkpoint's pages back to the kernel (POSIX_FADV_DONTNEED).
+
+    Nothing reads a checkpoint soon after writing it (a resume, or eval of best.pt, reads it once,
+    later), while the loader rereads the shards every epoch: kept cached, each ~0.5 GB checkpoint
+    pushed ~0.5 GB of shards out. And the next save then takes pages the kernel has just freed
+    instead of new ones: on a 2-core VM a checkpoint write that needed new pages cost up to ~10x the
+    CPU time of one into freed pages (0.46-0.87 s against ~0.08 s of system time per 240 MB, 8
+    rotating saves; with the pages dropped every save took 0.07-0.10 s; 2026-12-03). Advice only:
+    ignored where the OS has no such call."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
