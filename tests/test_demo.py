@@ -20,13 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 # The lower edge of the demo's band in README.md ("Measured results"): val top-1 97-100% over epochs
-# 3-6 on a 2-core machine (2026-12-03), less two val images for float rounding on other CPUs (1 and
-# 2 threads agree to 6-7 digits; benchmarks/RESULTS.md, "The demo's recipe").
+# 2-4 on a 2-core machine (2026-12-03), less two val images for float rounding on other CPUs (1 and
+# 2 threads log the same losses and accuracies; benchmarks/RESULTS.md, "The demo's recipe").
 DEMO_FLOOR_TOP1 = 0.95
 
 
 def test_the_demo_learns_steadily_past_its_floor_keeps_its_outputs_and_its_next_commands_run(tmp_path, capsys):
-    """`alexnet-fast demo` as a newcomer runs it (its full CPU size, ~2 min on a quiet 2-core
+    """`alexnet-fast demo` as a newcomer runs it (its full CPU size, ~1.5 min on a quiet 2-core
     machine): the loss is below log(classes) from the first epoch, val top-1 never falls back
     toward chance, the final top-1 is at least the README band's lower edge; everything stays in
     --out, and the commands it prints last run as printed."""
