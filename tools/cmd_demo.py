@@ -36,7 +36,7 @@ class DemoSize:
     lr: float
 
 
-# Sized for a 2-core CPU (about 20 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
+# Sized for a 2-core CPU (20-31 training img/s for alexnet-owt at 227x227, fp32): 10 classes of
 # procedural images, a few minutes of training, well under the 10-minute budget end to end.
 # The lr is small because He init without a normalization layer feeds the output layer large
 # features (squared norm ~57,000 per image in training mode on this sample), and its step grows
